@@ -1,0 +1,54 @@
+# callbridge: the two set-up commands are `make run` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAGE ?= dev
+QUEUE ?= intake
+export AWS_DEFAULT_REGION ?= us-east-1
+
+.PHONY: install run test lint unit e2e cfn-lint bench package replay-dlq clean
+
+# The virtual environment is rebuilt when the pinned requirements change.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+## The whole system locally: moto server, AWS resources from infra/template.yaml, sandboxes, app, runner.
+run: install
+	$(PY) -m infra.local.run
+
+## Every test: lint, unit and integration tests, the end-to-end test of `make run`, cfn-lint.
+test: install lint cfn-lint
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+cfn-lint: install
+	$(VENV)/bin/cfn-lint infra/template.yaml
+
+## Fast loop while developing: everything but the end-to-end test.
+unit: install
+	$(PY) -m pytest -m "not e2e"
+
+e2e: install
+	$(PY) -m pytest -m e2e
+
+## Latency benchmarks (in-process, moto): the Tilda webhook next to a bare Chalice route.
+bench: install
+	$(PY) -m bench.tilda_latency
+
+## The Lambda package of a stage, into build/<stage>/ (functions/ ships through vendor/functions).
+package: install
+	rm -rf .chalice/deployments build/$(STAGE)
+	CALLBRIDGE_STAGE=$(STAGE) $(VENV)/bin/chalice package --stage $(STAGE) build/$(STAGE)
+
+## Re-drive a dead-letter queue: make replay-dlq QUEUE=intake (AWS_ENDPOINT_URL for the local stack).
+replay-dlq: install
+	CALLBRIDGE_STAGE=$(STAGE) $(PY) -m functions.replay_dlq $(QUEUE)
+
+clean:
+	rm -rf $(VENV) build .chalice/deployments .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""callbridge: every Chalice decorator lives here, each a thin wrapper around code in functions/.
+
+Handlers import their modules on first call: each Lambda (the API and every worker) pays at cold
+start only for the code it runs. Queue names come from functions.resources, so the decorators, the
+CloudFormation template and the local stack agree.
+"""
+
+from chalice import Chalice, ConvertToMiddleware, Response
+
+from functions import resources
+from functions.observability import logger
+
+app = Chalice(app_name="callbridge")
+app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context))
+
+FORM_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/form-data"]
+
+
+def _reply(reply) -> Response:
+    if isinstance(reply.body, str):
+        return Response(body=reply.body, status_code=reply.status, headers={"Content-Type": "text/plain"})
+    return Response(body=reply.body, status_code=reply.status)
+
+
+@app.route("/v1/health", methods=["GET"])
+def health():
+    return {"ok": True, "service": "callbridge", "stage": resources.stage()}
+
+
+@app.route("/webhooks/tilda", methods=["POST"], content_types=FORM_TYPES)
+def tilda_webhook():
+    from functions import intake
+
+    request = app.current_request
+    return _reply(
+        intake.receive_tilda(
+            request.raw_body,
+            request.headers.get("content-type"),
+            {k.lower(): v for k, v in request.headers.items()},
+            dict(request.query_params or {}),
+        )
+    )
+
+
+@app.on_sqs_message(queue=resources.queue_name("intake"), batch_size=1)
+def intake_worker(event):
+    from functions import intake_worker as worker
+    from functions import queues
+
+    for record in event:
+        queues.run("intake", record, lambda body: worker.process(body, event.context))

@@ -1,0 +1,1 @@
+"""callbridge runtime code. Chalice ships it through the vendor/functions symlink."""

@@ -1,0 +1,49 @@
+"""Outbound HTTP: one pooled requests.Session per provider with timeouts and bounded retries."""
+
+from __future__ import annotations
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+# (connect, read) seconds. Every outbound call passes a timeout; these are the defaults.
+DEFAULT_TIMEOUT = (3.05, 20)
+
+
+def session(retries: Retry) -> requests.Session:
+    """A session whose adapter retries as `retries` says (urllib3 backs off between tries)."""
+    s = requests.Session()
+    adapter = HTTPAdapter(max_retries=retries, pool_maxsize=10)
+    s.mount("https://", adapter)
+    s.mount("http://", adapter)
+    return s
+
+
+def connect_only_retry(total: int = 2) -> Retry:
+    """For requests that must not run twice (creating an order, originating a call): retry only
+    when the request never reached the server (connection refused/reset before sending) or the
+    server said it did not take it (429/503). A read timeout is NOT retried here: the caller decides."""
+    return Retry(
+        total=total,
+        connect=total,
+        read=0,
+        other=0,
+        status=total,
+        status_forcelist=(429, 503),
+        allowed_methods=None,  # POST included, on the conditions above only
+        backoff_factor=0.5,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
+
+
+def idempotent_retry(total: int = 3) -> Retry:
+    """For reads and idempotent writes: also retry read timeouts and 5xx."""
+    return Retry(
+        total=total,
+        backoff_factor=0.5,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )

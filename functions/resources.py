@@ -1,0 +1,72 @@
+"""AWS resource names and lazily created, cached boto3 clients.
+
+Names come from environment variables, with defaults derived from the stage so that the
+CloudFormation template (infra/template.yaml), the Chalice decorators (evaluated at import time,
+also while `chalice package` runs) and the local stack agree without a hand-kept list.
+Clients are created on first use: cold starts pay only for what a handler touches, and tests can
+start moto before any client exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+QUEUES = ("intake", "callbacks", "recordings")
+
+
+def stage() -> str:
+    return os.environ.get("CALLBRIDGE_STAGE", "dev")
+
+
+def queue_name(kind: str) -> str:
+    """Name of a work queue: `callbridge-{stage}-{kind}`; its DLQ is the same name + `-dlq`."""
+    if kind not in QUEUES:
+        raise ValueError(f"unknown queue {kind!r}")
+    return os.environ.get(f"{kind.upper()}_QUEUE", f"callbridge-{stage()}-{kind}")
+
+
+def dlq_name(kind: str) -> str:
+    return os.environ.get(f"{kind.upper()}_DLQ", f"{queue_name(kind)}-dlq")
+
+
+def table_name() -> str:
+    return os.environ.get("STATE_TABLE", f"callbridge-{stage()}-state")
+
+
+def bucket_name() -> str:
+    return os.environ.get("RECORDINGS_BUCKET", f"callbridge-{stage()}-recordings")
+
+
+def alerts_topic_arn() -> str | None:
+    return os.environ.get("ALERTS_TOPIC_ARN")
+
+
+@functools.cache
+def _session():
+    import boto3  # deferred: ~0.2 s of import that only AWS-touching paths should pay
+
+    return boto3.session.Session()
+
+
+@functools.cache
+def client(service: str):
+    """One client per service per container. AWS_ENDPOINT_URL (moto locally) is honoured by botocore."""
+    return _session().client(service)
+
+
+@functools.cache
+def table():
+    return _session().resource("dynamodb").Table(table_name())
+
+
+@functools.cache
+def queue_url(kind: str, dlq: bool = False) -> str:
+    name = dlq_name(kind) if dlq else queue_name(kind)
+    return client("sqs").get_queue_url(QueueName=name)["QueueUrl"]
+
+
+def reset() -> None:
+    """Forget cached clients (tests that start a fresh moto)."""
+    for f in (_session, client, table, queue_url):
+        f.cache_clear()

@@ -1,0 +1,1 @@
+"""Local AWS (moto server or in-process moto) built from infra/template.yaml."""

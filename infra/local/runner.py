@@ -1,0 +1,178 @@
+"""The local stand-in for Lambda's event sources: long-polls the SQS queues and runs the schedules,
+invoking the Chalice handlers of app.py with events in the shapes Lambda uses.
+
+Which queue feeds which handler, and which schedule runs which, is read from the Chalice app itself
+(`app.event_sources`), so a new `@app.on_sqs_message` or `@app.schedule` is picked up with no change
+here. Semantics follow Lambda's SQS event source mapping with batch size 1: a record whose handler
+returns is deleted; one whose handler raises stays in the queue and comes back when its visibility
+timeout ends (the workers push that out themselves for backoff).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+
+from functions import resources
+from functions.observability import logger
+
+POLL_SECONDS = 1  # short long-polls so SIGTERM stops the runner within about a second
+_RATE = re.compile(r"^rate\((\d+)\s+(minute|minutes|hour|hours|day|days)\)$")
+_UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+class LambdaContext:
+    """What handlers and Powertools read from Lambda's context object."""
+
+    def __init__(self, function_name: str, timeout_seconds: int = 60):
+        self.function_name = function_name
+        self.function_version = "$LATEST"
+        self.memory_limit_in_mb = 256
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
+        self.aws_request_id = str(uuid.uuid4())
+        self.log_group_name = f"/aws/lambda/{function_name}"
+        self.log_stream_name = "local"
+        self._deadline = time.monotonic() + timeout_seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def sqs_event(message: dict, queue_arn: str, region: str) -> dict:
+    """A Lambda SQS event with one record, from a ReceiveMessage result."""
+    return {
+        "Records": [
+            {
+                "messageId": message["MessageId"],
+                "receiptHandle": message["ReceiptHandle"],
+                "body": message["Body"],
+                "attributes": message.get("Attributes", {}),
+                "messageAttributes": {
+                    k: {"stringValue": v.get("StringValue"), "dataType": v["DataType"]}
+                    for k, v in message.get("MessageAttributes", {}).items()
+                },
+                "md5OfBody": message.get("MD5OfBody", ""),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": region,
+            }
+        ]
+    }
+
+
+def invoke(sqs, url: str, arn: str, message: dict, handler, function_name: str, region: str) -> bool:
+    """Run the handler on one received message as Lambda would; delete it when the handler returns."""
+    try:
+        handler(sqs_event(message, arn, region), LambdaContext(function_name))
+    except Exception as exc:
+        # As in Lambda: the record stays and returns after its visibility timeout.
+        logger.warning("handler failed", extra={"queue_url": url, "error_type": type(exc).__name__})
+        return False
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return True
+
+
+def schedule_event(rule_name: str, region: str) -> dict:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {
+        "version": "0", "id": str(uuid.uuid4()), "detail-type": "Scheduled Event", "source": "aws.events",
+        "account": "123456789012", "time": now, "region": region,
+        "resources": [f"arn:aws:events:{region}:123456789012:rule/{rule_name}"], "detail": {},
+    }
+
+
+def rate_seconds(expression: str) -> int | None:
+    match = _RATE.match(expression.strip())
+    if not match:
+        return None
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2).rstrip("s")]
+
+
+class Runner:
+    def __init__(self, app_module, schedule_scale: float = 1.0):
+        self.app_module = app_module
+        self.stop_event = threading.Event()
+        self.schedule_scale = schedule_scale
+        self.region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        self.delivered = 0
+
+    def _handler(self, handler_string: str):
+        return getattr(self.app_module, handler_string.rsplit(".", 1)[-1])
+
+    def sources(self):
+        queues, schedules = [], []
+        for source in self.app_module.app.event_sources:
+            kind = type(source).__name__
+            if kind == "SQSEventConfig" and source.queue:
+                queues.append((source.queue, source.handler_string))
+            elif kind == "CloudWatchEventConfig" and getattr(source, "schedule_expression", None):
+                schedules.append((source.name, str(source.schedule_expression), source.handler_string))
+        return queues, schedules
+
+    def poll(self, queue_name: str, handler_string: str) -> None:
+        handler = self._handler(handler_string)
+        sqs = resources.client("sqs")
+        url = sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        while not self.stop_event.is_set():
+            try:
+                messages = sqs.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=1, WaitTimeSeconds=POLL_SECONDS,
+                    AttributeNames=["All"], MessageAttributeNames=["All"],
+                ).get("Messages", [])
+            except Exception as exc:  # moto restarting, network blip: keep polling
+                logger.warning("receive failed", extra={"queue": queue_name, "error": str(exc)})
+                self.stop_event.wait(1)
+                continue
+            for message in messages:
+                self.delivered += 1
+                invoke(sqs, url, arn, message, handler, handler_string, self.region)
+
+    def tick(self, name: str, expression: str, handler_string: str) -> None:
+        period = rate_seconds(expression)
+        if period is None:
+            logger.warning("schedule not run locally (only rate() is)", extra={"schedule": name})
+            return
+        handler = self._handler(handler_string)
+        interval = max(1.0, period * self.schedule_scale)
+        while not self.stop_event.wait(interval):
+            try:
+                handler(schedule_event(name, self.region), LambdaContext(handler_string))
+            except Exception:
+                logger.exception("scheduled handler failed", extra={"schedule": name})
+
+    def start(self) -> list[threading.Thread]:
+        queues, schedules = self.sources()
+        threads = [threading.Thread(target=self.poll, args=q, daemon=True, name=f"sqs:{q[0]}") for q in queues]
+        threads += [threading.Thread(target=self.tick, args=s, daemon=True, name=f"schedule:{s[0]}")
+                    for s in schedules]
+        for thread in threads:
+            thread.start()
+        return threads
+
+
+def main() -> int:
+    import app as app_module  # the real app.py, imported once like Lambda's runtime would
+
+    runner = Runner(app_module, float(os.environ.get("CALLBRIDGE_SCHEDULE_SCALE", "1")))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runner.stop_event.set())
+    threads = runner.start()
+    queues, schedules = runner.sources()
+    print(json.dumps({"runner": "started", "queues": [q for q, _ in queues], "schedules": [s for s, *_ in schedules]}),
+          flush=True)
+    while not runner.stop_event.wait(0.5):
+        pass
+    for thread in threads:
+        thread.join(timeout=POLL_SECONDS + 5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

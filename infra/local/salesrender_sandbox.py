@@ -1,0 +1,846 @@
+"""A strict SalesRender CRM sandbox for the local stack (`make run`) and for tests.
+
+It serves the slice of SalesRender's GraphQL API that callbridge uses (see
+/work/shared/providers/salesrender.md): `POST /companies/{companyId}/CRM` with orders, statuses, projects and
+order fields. It is deliberately strict: the document is parsed and validated by graphql-core against a
+schema subset, so an unknown field, a missing required argument or a wrong type fails here exactly as it
+would on the real server, and business rules (unknown project or status, archived status, unknown order
+field, a field of the wrong kind, a phone that is not E.164, an email without "@") answer the same
+`errors[].extensions.code` values. Code that passes against this sandbox should not be rejected by
+SalesRender for the shape of its requests; loosening a check here hides bugs until production.
+
+Control endpoints under `/_sandbox/` (no auth) let tests inspect orders and received calls, inject faults
+(HTTP statuses, GraphQL errors, delays) and move an order to another status as a manager would.
+
+Run: `python -m infra.local.salesrender_sandbox --host 127.0.0.1 --port 8101 --token X --company-id 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hmac
+import ipaddress
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSyntaxError,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    OperationType,
+    SelectionSetNode,
+    build_schema,
+    execute,
+    parse,
+    validate,
+)
+from graphql.execution import Executor
+from graphql.utilities import get_operation_ast
+
+DEFAULT_TOKEN = "sandbox-salesrender-token"
+
+SDL = '''
+"Status groups are fixed by SalesRender; status ids and names are per company."
+enum OrderStatusGroup { PROCESSING CANCELED APPROVED SHIPPED DELIVERED UNDELIVERED REFUNDED SPAM DOUBLE }
+
+type Status { id: ID! name: String! group: OrderStatusGroup! archived: Boolean! }
+type Project { id: ID! name: String! }
+
+type HumanName { firstName: String lastName: String }
+type PhoneFieldValue { field: String! value: String! }
+type HumanNameFieldValue { field: String! value: HumanName! }
+type EmailFieldValue { field: String! value: String! }
+type StringFieldValue { field: String! value: String! }
+type OrderData {
+  phoneFields: [PhoneFieldValue!]!
+  humanNameFields: [HumanNameFieldValue!]!
+  emailFields: [EmailFieldValue!]!
+  stringFields: [StringFieldValue!]!
+}
+
+"Money is in minor units (kopecks)."
+type CartItem { itemId: Int! variation: Int! quantity: Int! price: Int! }
+type Cart { total: Int! items: [CartItem!]! }
+type Source {
+  refererUri: String ip: String
+  utm_source: String utm_medium: String utm_campaign: String utm_content: String utm_term: String
+}
+
+type Order {
+  id: ID!
+  status: Status!
+  project: Project!
+  data: OrderData!
+  cart: Cart!
+  source: Source
+  "ISO-8601, UTC."
+  createdAt: String!
+}
+
+type PageInfo { pagesCount: Int! }
+type OrdersFetcher { orders: [Order!]! pageInfo: PageInfo! }
+type StatusesFetcher { statuses: [Status!]! }
+type ProjectsFetcher { projects: [Project!]! }
+
+interface OrderField { name: String! label: String! }
+type PhoneOrderField implements OrderField { name: String! label: String! }
+type HumanNameOrderField implements OrderField { name: String! label: String! }
+type EmailOrderField implements OrderField { name: String! label: String! }
+type StringOrderField implements OrderField { name: String! label: String! }
+type OrderFieldsFetcher { fields: [OrderField!]! }
+
+input PaginationInput { pageNumber: Int! pageSize: Int! }
+input OrderIncludeFilter { ids: [ID!] }
+input OrderSearchFilter { include: OrderIncludeFilter }
+
+type Query {
+  ordersFetcher(pagination: PaginationInput, filters: OrderSearchFilter): OrdersFetcher!
+  statusesFetcher: StatusesFetcher!
+  projectsFetcher: ProjectsFetcher!
+  orderFieldsFetcher: OrderFieldsFetcher!
+}
+
+input PhoneFieldInput { field: String! value: String! }
+input HumanNameInput { firstName: String lastName: String }
+input HumanNameFieldInput { field: String! value: HumanNameInput! }
+input EmailFieldInput { field: String! value: String! }
+input StringFieldInput { field: String! value: String! }
+input OrderDataInput {
+  phoneFields: [PhoneFieldInput!]
+  humanNameFields: [HumanNameFieldInput!]
+  emailFields: [EmailFieldInput!]
+  stringFields: [StringFieldInput!]
+}
+"Money is in minor units (kopecks)."
+input CartItemInput { itemId: Int! variation: Int! quantity: Int! price: Int! }
+input CartInput { items: [CartItemInput!]! }
+input SourceInput { refererUri: String ip: String }
+input AddOrderInput {
+  projectId: ID!
+  statusId: ID!
+  orderData: OrderDataInput!
+  cart: CartInput
+  source: SourceInput
+}
+"orderData entries replace the values of the fields they name; other fields keep theirs."
+input UpdateOrderInput { id: ID! statusId: ID orderData: OrderDataInput }
+
+type OrderMutation {
+  addOrder(input: AddOrderInput!): Order!
+  updateOrder(input: UpdateOrderInput!): Order!
+}
+
+type Mutation { orderMutation: OrderMutation! }
+'''
+
+SCHEMA = build_schema(SDL)
+
+DEFAULT_PROJECTS: list[dict[str, Any]] = [
+    {"id": "1", "name": "Demo offer"},
+    {"id": "2", "name": "Second offer"},
+]
+DEFAULT_STATUSES: list[dict[str, Any]] = [
+    {"id": "1", "name": "Новый", "group": "PROCESSING"},
+    {"id": "2", "name": "Подтверждён", "group": "APPROVED"},
+    {"id": "3", "name": "Отменён", "group": "CANCELED"},
+    {"id": "4", "name": "Старый", "group": "PROCESSING", "archived": True},
+]
+# kind: phone | humanName | email | string
+DEFAULT_ORDER_FIELDS: list[dict[str, Any]] = [
+    {"name": "phone", "label": "Телефон", "kind": "phone"},
+    {"name": "name", "label": "Имя", "kind": "humanName"},
+    {"name": "email", "label": "Email", "kind": "email"},
+    {"name": "comment", "label": "Комментарий", "kind": "string"},
+    {"name": "call_log", "label": "Журнал звонков", "kind": "string"},
+]
+
+STATUS_GROUPS = frozenset(SCHEMA.type_map["OrderStatusGroup"].values)  # type: ignore[attr-defined]
+# orderData list name -> field kind, and field kind -> GraphQL __typename of the order field
+DATA_LISTS = {"phoneFields": "phone", "humanNameFields": "humanName", "emailFields": "email",
+              "stringFields": "string"}
+KIND_TYPENAMES = {"phone": "PhoneOrderField", "humanName": "HumanNameOrderField", "email": "EmailOrderField",
+                  "string": "StringOrderField"}
+UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term")
+PHONE_RE = re.compile(r"\+\d{10,15}")
+EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
+INTROSPECTION_FIELDS = frozenset({"__schema", "__type"})
+MAX_BODY_BYTES = 1 << 20
+UNAUTHORIZED_BODY = {"errors": [{"message": "Unauthorized", "extensions": {"code": "ERR_UNAUTHORIZED"}}]}
+
+
+class SandboxError(Exception):
+    """A control-endpoint error carrying the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _business_error(code: str, message: str) -> GraphQLError:
+    return GraphQLError(message, extensions={"code": code})
+
+
+def _validation_failed(message: str) -> GraphQLError:
+    return _business_error("ERR_ORDER_VALIDATION_FAILED", f"Order validation failed: {message}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _error_body(message: str, code: str) -> dict[str, Any]:
+    return {"errors": [{"message": message, "extensions": {"code": code}}]}
+
+
+def _iter_fields(selection_set: SelectionSetNode | None,
+                 fragments: Mapping[str, FragmentDefinitionNode], seen: frozenset[str] = frozenset()
+                 ) -> Iterator[FieldNode]:
+    """Fields of a selection set with fragments expanded (cycles are the validator's business)."""
+    if selection_set is None:
+        return
+    for selection in selection_set.selections:
+        if isinstance(selection, FieldNode):
+            yield selection
+        elif isinstance(selection, InlineFragmentNode):
+            yield from _iter_fields(selection.selection_set, fragments, seen)
+        elif isinstance(selection, FragmentSpreadNode):
+            name = selection.name.value
+            if name in fragments and name not in seen:
+                yield from _iter_fields(fragments[name].selection_set, fragments, seen | {name})
+
+
+def _fragments(document: DocumentNode) -> dict[str, FragmentDefinitionNode]:
+    return {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+
+
+def _selected_operations(document: DocumentNode, operation_name: str | None) -> list[OperationDefinitionNode]:
+    op = get_operation_ast(document, operation_name)
+    if op is not None:
+        return [op]
+    # Ambiguous or unknown operation name: look at all of them (execution will reject the request anyway).
+    return [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+
+
+def operation_names(document: DocumentNode, operation_name: str | None = None) -> list[str]:
+    """Top-level field names of the operation; mutations one level deeper ("orderMutation.addOrder")."""
+    fragments = _fragments(document)
+    names: list[str] = []
+    for op in _selected_operations(document, operation_name):
+        for field in _iter_fields(op.selection_set, fragments):
+            top = field.name.value
+            children = list(_iter_fields(field.selection_set, fragments))
+            if op.operation == OperationType.MUTATION and children:
+                names.extend(f"{top}.{child.name.value}" for child in children if child.name.value != "__typename")
+            else:
+                names.append(top)
+    return list(dict.fromkeys(names))
+
+
+def is_introspection_only(document: DocumentNode, operation_name: str | None = None) -> bool:
+    """True when the selected operation asks only for `__schema`/`__type` (SalesRender serves it without a token)."""
+    fragments = _fragments(document)
+    ops = _selected_operations(document, operation_name)
+    if not ops:
+        return False
+    for op in ops:
+        top = {f.name.value for f in _iter_fields(op.selection_set, fragments)}
+        if not top & INTROSPECTION_FIELDS or not top <= INTROSPECTION_FIELDS | {"__typename"}:
+            return False
+    return True
+
+
+def _fault_matches(fault: Mapping[str, Any], operations: list[str]) -> bool:
+    wanted = fault.get("operation")
+    if not wanted:
+        return True
+    return any(op == wanted or op.endswith(f".{wanted}") for op in operations)
+
+
+def _validate_fault(count: Any = 1, status: Any = None, graphql_error: Any = None, delay_seconds: Any = None,
+                    operation: Any = None, message: Any = None) -> dict[str, Any]:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError("count must be a positive integer")
+    if status is None and graphql_error is None and delay_seconds is None:
+        raise ValueError("a fault needs status, graphql_error or delay_seconds")
+    if status is not None and graphql_error is not None:
+        raise ValueError("status and graphql_error are mutually exclusive")
+    if status is not None and (isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599):
+        raise ValueError("status must be an HTTP status code")
+    if graphql_error is not None and (not isinstance(graphql_error, str) or not graphql_error):
+        raise ValueError("graphql_error must be an error code such as ERR_ORDER_LOCKED")
+    if delay_seconds is not None and (isinstance(delay_seconds, bool) or not isinstance(delay_seconds, int | float)
+                                      or delay_seconds < 0):
+        raise ValueError("delay_seconds must be a non-negative number")
+    if operation is not None and (not isinstance(operation, str) or not operation):
+        raise ValueError("operation must be a field name such as addOrder")
+    if message is not None and not isinstance(message, str):
+        raise ValueError("message must be a string")
+    fault: dict[str, Any] = {"count": count}
+    for key, value in (("status", status), ("graphql_error", graphql_error), ("delay_seconds", delay_seconds),
+                       ("operation", operation), ("message", message)):
+        if value is not None:
+            fault[key] = value
+    return fault
+
+
+class _Response:
+    __slots__ = ("body", "close", "content_type", "status")
+
+    def __init__(self, status: int, body: Any = None, *, raw: bytes | None = None,
+                 content_type: str = "application/json; charset=utf-8", close: bool = False):
+        self.status = status
+        self.body = raw if raw is not None else json.dumps(body, ensure_ascii=False).encode()
+        self.content_type = content_type
+        self.close = close
+
+
+class SalesRenderSandbox:
+    """In-memory SalesRender company served over HTTP. Use `start()`/`stop()` or `with SalesRenderSandbox() as sr`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, company_id: str = "1",
+                 projects: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None,
+                 order_fields: list[dict[str, Any]] | None = None, verbose: bool = False):
+        self.host = host
+        self._port = port
+        self.token = token
+        self.company_id = str(company_id)
+        self.verbose = verbose
+        self._projects = {str(p["id"]): {"id": str(p["id"]), "name": p["name"]}
+                          for p in (projects if projects is not None else DEFAULT_PROJECTS)}
+        self._statuses: dict[str, dict[str, Any]] = {}
+        for s in statuses if statuses is not None else DEFAULT_STATUSES:
+            if s["group"] not in STATUS_GROUPS:
+                raise ValueError(f"unknown status group {s['group']!r}")
+            self._statuses[str(s["id"])] = {"id": str(s["id"]), "name": s["name"], "group": s["group"],
+                                            "archived": bool(s.get("archived", False))}
+        self._fields: dict[str, dict[str, Any]] = {}
+        for f in order_fields if order_fields is not None else DEFAULT_ORDER_FIELDS:
+            if f["kind"] not in KIND_TYPENAMES:
+                raise ValueError(f"unknown order field kind {f['kind']!r}")
+            self._fields[f["name"]] = {"name": f["name"], "label": f.get("label", f["name"]), "kind": f["kind"]}
+        # RLock: resolvers take it while the request handler already holds it around execution.
+        self._lock = threading.RLock()
+        self._orders: dict[str, dict[str, Any]] = {}
+        self._next_id = 1
+        self._requests: list[dict[str, Any]] = []
+        self._faults: list[dict[str, Any]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        sandbox = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.sandbox = sandbox
+        self._server = ThreadingHTTPServer((self.host, self._port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="salesrender-sandbox", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server is not None else self._port
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/companies/{self.company_id}/CRM"
+
+    # ---- Python control API ----------------------------------------------------------------------------
+
+    def orders(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._order_control_view(o) for o in self._orders.values()]
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._requests)
+
+    def faults(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._faults)
+
+    def add_fault(self, count: int = 1, *, status: int | None = None, graphql_error: str | None = None,
+                  delay_seconds: float | None = None, operation: str | None = None,
+                  message: str | None = None) -> dict[str, Any]:
+        """Queue a fault for the next `count` authorised GraphQL requests (optionally only `operation` ones)."""
+        fault = _validate_fault(count, status, graphql_error, delay_seconds, operation, message)
+        with self._lock:
+            self._faults.append(fault)
+        return dict(fault)
+
+    def set_order_status(self, order_id: str, status_id: str) -> dict[str, Any]:
+        """Move an order to another status the way a manager does in the SalesRender UI."""
+        with self._lock:
+            order = self._orders.get(str(order_id))
+            if order is None:
+                raise SandboxError(404, f"order {order_id} not found")
+            status = self._statuses.get(str(status_id))
+            if status is None:
+                raise SandboxError(400, f"status {status_id} not found")
+            if status["archived"]:
+                raise SandboxError(400, f"status {status_id} is archived")
+            order["statusId"] = status["id"]
+            order["updatedAt"] = _now()
+            order["history"].append({"at": order["updatedAt"], "by": "manager", "statusId": status["id"]})
+            return self._order_control_view(order)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._orders.clear()
+            self._requests.clear()
+            self._faults.clear()
+            self._next_id = 1
+
+    # ---- GraphQL resolvers -----------------------------------------------------------------------------
+
+    def _root(self) -> dict[str, Any]:
+        # The default field resolver calls callables found in dicts with (info, **args).
+        return {
+            "ordersFetcher": self._orders_fetcher,
+            "statusesFetcher": lambda _info: {"statuses": [dict(s) for s in self._statuses.values()]},
+            "projectsFetcher": lambda _info: {"projects": [dict(p) for p in self._projects.values()]},
+            "orderFieldsFetcher": lambda _info: {"fields": [
+                {"__typename": KIND_TYPENAMES[f["kind"]], "name": f["name"], "label": f["label"]}
+                for f in self._fields.values()]},
+            "orderMutation": lambda _info: {"addOrder": self._add_order, "updateOrder": self._update_order},
+        }
+
+    def _orders_fetcher(self, _info: Any, pagination: dict | None = None, filters: dict | None = None) -> dict:
+        page_number = pagination["pageNumber"] if pagination else 1
+        page_size = pagination["pageSize"] if pagination else 100
+        if page_number < 1 or page_size < 1:
+            raise _business_error("BAD_USER_INPUT", "pageNumber and pageSize must be positive")
+        ids = ((filters or {}).get("include") or {}).get("ids")
+        with self._lock:
+            found = [o for o in self._orders.values() if ids is None or o["id"] in ids]
+            start = (page_number - 1) * page_size
+            return {"orders": [self._order_view(o) for o in found[start:start + page_size]],
+                    "pageInfo": {"pagesCount": math.ceil(len(found) / page_size)}}
+
+    def _add_order(self, _info: Any, **args: Any) -> dict:
+        data = args["input"]
+        with self._lock:
+            project_id = str(data["projectId"])
+            if project_id not in self._projects:
+                raise _business_error("ERR_PROJECT_NOT_FOUND", f"Project {project_id} not found")
+            status_id = self._check_status(data["statusId"])
+            current = self._check_order_data(data["orderData"])
+            cart = data.get("cart")
+            if cart is not None:
+                for n, item in enumerate(cart["items"]):
+                    if item["quantity"] < 1:
+                        raise _validation_failed(f"cart item #{n}: quantity must be positive")
+                    if item["price"] < 0:
+                        raise _validation_failed(f"cart item #{n}: price must not be negative")
+            source = data.get("source")
+            if source is not None and source.get("ip") is not None:
+                try:
+                    ipaddress.ip_address(source["ip"])
+                except ValueError:
+                    raise _validation_failed("source.ip is not an IP address") from None
+            order_id = str(self._next_id)
+            self._next_id += 1
+            now = _now()
+            self._orders[order_id] = {
+                "id": order_id, "projectId": project_id, "statusId": status_id,
+                "orderData": copy.deepcopy(data["orderData"]), "data": current,
+                "cart": copy.deepcopy(cart), "source": copy.deepcopy(source),
+                "createdAt": now, "updatedAt": now, "history": [],
+            }
+            return self._order_view(self._orders[order_id])
+
+    def _update_order(self, _info: Any, **args: Any) -> dict:
+        data = args["input"]
+        with self._lock:
+            order = self._orders.get(str(data["id"]))
+            if order is None:
+                raise _business_error("ERR_ORDER_NOT_FOUND", f"Order {data['id']} not found")
+            entry: dict[str, Any] = {"by": "api"}
+            status_id = None
+            if data.get("statusId") is not None:
+                status_id = self._check_status(data["statusId"])
+                entry["statusId"] = status_id
+            updates = None
+            if data.get("orderData") is not None:
+                updates = self._check_order_data(data["orderData"])
+                entry["orderData"] = copy.deepcopy(data["orderData"])
+            # Everything validated: apply all or nothing, as a transaction would.
+            if status_id is not None:
+                order["statusId"] = status_id
+            if updates is not None:
+                for list_name, entries in updates.items():
+                    for new in entries:
+                        current = order["data"][list_name]
+                        current[:] = [e for e in current if e["field"] != new["field"]] + [new]
+            order["updatedAt"] = entry["at"] = _now()
+            order["history"].append(entry)
+            return self._order_view(order)
+
+    def _check_status(self, status_id: Any) -> str:
+        status = self._statuses.get(str(status_id))
+        if status is None:
+            raise _business_error("ERR_ORDER_STATUS_NOT_FOUND", f"Order status {status_id} not found")
+        if status["archived"]:
+            raise _business_error("ERR_ORDER_STATUS_ARCHIVED", f"Order status {status_id} is archived")
+        return status["id"]
+
+    def _check_order_data(self, order_data: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Validate orderData against the company's order fields; return it normalised (all four lists)."""
+        result: dict[str, list[dict[str, Any]]] = {name: [] for name in DATA_LISTS}
+        seen: set[str] = set()
+        for list_name, kind in DATA_LISTS.items():
+            for entry in order_data.get(list_name) or []:
+                name, value = entry["field"], entry["value"]
+                field = self._fields.get(name)
+                if field is None:
+                    raise _validation_failed(f'unknown order field "{name}"')
+                if field["kind"] != kind:
+                    raise _validation_failed(f'field "{name}" is a {field["kind"]} field, not one for {list_name}')
+                if name in seen:
+                    raise _validation_failed(f'field "{name}" is given more than once')
+                seen.add(name)
+                # Messages name the field but never echo the value: clients log them and values are personal data.
+                if kind == "phone" and not PHONE_RE.fullmatch(value):
+                    raise _validation_failed(f'field "{name}": phone must be E.164 ("+" and 10-15 digits)')
+                if kind == "email" and not EMAIL_RE.fullmatch(value):
+                    raise _validation_failed(f'field "{name}": not an email address')
+                if kind == "humanName":
+                    value = {"firstName": value.get("firstName"), "lastName": value.get("lastName")}
+                result[list_name].append({"field": name, "value": value})
+        return result
+
+    def _order_view(self, order: Mapping[str, Any]) -> dict[str, Any]:
+        """The order as GraphQL `Order` (statuses resolved now so a manager's change shows up)."""
+        cart = order["cart"]
+        items = [dict(i) for i in cart["items"]] if cart else []
+        source = order["source"]
+        source_view = None
+        if source is not None:
+            query = parse_qs(urlsplit(source.get("refererUri") or "").query)
+            source_view = {"refererUri": source.get("refererUri"), "ip": source.get("ip"),
+                           **{k: (query.get(k) or [None])[0] for k in UTM_KEYS}}
+        return {
+            "id": order["id"],
+            "status": dict(self._statuses[order["statusId"]]),
+            "project": dict(self._projects[order["projectId"]]),
+            "data": copy.deepcopy(order["data"]),
+            "cart": {"total": sum(i["price"] * i["quantity"] for i in items), "items": items},
+            "source": source_view,
+            "createdAt": order["createdAt"],
+        }
+
+    def _order_control_view(self, order: Mapping[str, Any]) -> dict[str, Any]:
+        view = copy.deepcopy(dict(order))
+        status = self._statuses[order["statusId"]]
+        view["statusGroup"] = status["group"]
+        view["status"] = dict(status)
+        return view
+
+    # ---- HTTP ------------------------------------------------------------------------------------------
+
+    def _take_fault(self, operations: list[str]) -> dict[str, Any] | None:
+        with self._lock:
+            for fault in self._faults:
+                if _fault_matches(fault, operations):
+                    fault["count"] -= 1
+                    if fault["count"] <= 0:
+                        self._faults.remove(fault)
+                    return dict(fault)
+        return None
+
+    def _authorized(self, headers: Mapping[str, str], query: Mapping[str, list[str]]) -> bool:
+        candidates = list(query.get("token", []))
+        header = headers.get("Authorization")
+        if header:
+            header = header.strip()
+            candidates.append(header)
+            if header[:7].lower() == "bearer ":
+                candidates.append(header[7:].strip())
+        expected = self.token.encode()
+        return any(hmac.compare_digest(c.encode(), expected) for c in candidates)
+
+    def handle_graphql(self, headers: Mapping[str, str], query: Mapping[str, list[str]], body: bytes) -> _Response:
+        log: dict[str, Any] = {"at": _now(), "operation": [], "operationName": None, "variables": None,
+                               "query": None, "authorized": self._authorized(headers, query)}
+        response = self._graphql(headers, body, log)
+        log["status"] = response.status
+        with self._lock:
+            self._requests.append(log)
+        return response
+
+    def _graphql(self, headers: Mapping[str, str], body: bytes, log: dict[str, Any]) -> _Response:
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return _Response(415, _error_body("Content-Type must be application/json", "UNSUPPORTED_MEDIA_TYPE"))
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _Response(400, _error_body("Body is not valid JSON", "BAD_REQUEST"))
+        if not isinstance(payload, dict):
+            return _Response(400, _error_body("Body must be a JSON object", "BAD_REQUEST"))
+        source, variables, operation_name = payload.get("query"), payload.get("variables"), payload.get("operationName")
+        log.update(query=source, variables=copy.deepcopy(variables), operationName=operation_name)
+        if not isinstance(source, str) or not source.strip():
+            return _Response(400, _error_body("Missing query", "BAD_REQUEST"))
+        if variables is not None and not isinstance(variables, dict):
+            return _Response(400, _error_body("variables must be an object", "BAD_REQUEST"))
+        if operation_name is not None and not isinstance(operation_name, str):
+            return _Response(400, _error_body("operationName must be a string", "BAD_REQUEST"))
+
+        document: DocumentNode | None
+        try:
+            document = parse(source)
+        except GraphQLSyntaxError as exc:
+            document, syntax_error = None, exc
+        if document is not None:
+            log["operation"] = operation_names(document, operation_name)
+        if not log["authorized"] and (document is None or not is_introspection_only(document, operation_name)):
+            return _Response(401, UNAUTHORIZED_BODY)
+
+        if log["authorized"]:
+            fault = self._take_fault(log["operation"])
+            if fault is not None:
+                log["fault"] = fault
+                if fault.get("delay_seconds"):
+                    time.sleep(fault["delay_seconds"])
+                if "status" in fault:
+                    try:
+                        phrase = HTTPStatus(fault["status"]).phrase
+                    except ValueError:
+                        phrase = "Error"
+                    return _Response(fault["status"], raw=f"{fault['status']} {phrase}\n".encode(),
+                                     content_type="text/plain; charset=utf-8")
+                if "graphql_error" in fault:
+                    message = fault.get("message") or f"Sandbox fault: {fault['graphql_error']}"
+                    return _Response(200, {"data": None, **_error_body(message, fault["graphql_error"])})
+
+        if document is None:
+            return _Response(400, {"errors": [_formatted(syntax_error, "GRAPHQL_PARSE_FAILED")]})
+        errors = validate(SCHEMA, document)
+        if errors:
+            return _Response(400, {"errors": [_formatted(e, "GRAPHQL_VALIDATION_FAILED") for e in errors]})
+        root = self._root()
+        # Operation selection and variable coercion are request errors (400), not field errors (200).
+        built = Executor.build(SCHEMA, document, root_value=root, raw_variable_values=variables,
+                               operation_name=operation_name)
+        if isinstance(built, list):
+            return _Response(400, {"errors": [_formatted(e, "BAD_USER_INPUT") for e in built]})
+        with self._lock:  # one order-changing request at a time, like row locks on the real server
+            result = execute(SCHEMA, document, root_value=root, variable_values=variables,
+                             operation_name=operation_name)
+        body: dict[str, Any] = {}
+        if result.errors:
+            body["errors"] = [e.formatted for e in result.errors]
+        body["data"] = result.data
+        return _Response(200, body)
+
+    def handle_control(self, method: str, path: str, body: bytes) -> _Response:
+        parts = [p for p in path.split("/") if p][1:]  # drop "_sandbox"
+        try:
+            if parts == ["health"]:
+                _allow(method, "GET")
+                return _Response(200, {"ok": True})
+            if parts == ["orders"]:
+                _allow(method, "GET")
+                return _Response(200, self.orders())
+            if parts == ["requests"]:
+                _allow(method, "GET")
+                return _Response(200, self.requests_log())
+            if parts == ["faults"]:
+                _allow(method, "GET", "POST")
+                if method == "GET":
+                    return _Response(200, self.faults())
+                spec = _json_object(body)
+                unknown = set(spec) - {"count", "status", "graphql_error", "delay_seconds", "operation", "message"}
+                if unknown:
+                    raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
+                try:
+                    return _Response(200, self.add_fault(**spec))
+                except ValueError as exc:
+                    raise SandboxError(400, str(exc)) from None
+            if len(parts) == 3 and parts[0] == "orders" and parts[2] == "status":
+                _allow(method, "POST")
+                spec = _json_object(body)
+                if spec.get("status_id") is None:
+                    raise SandboxError(400, "status_id is required")
+                return _Response(200, self.set_order_status(parts[1], spec["status_id"]))
+            if parts == ["reset"]:
+                _allow(method, "POST")
+                self.reset()
+                return _Response(200, {"ok": True})
+        except SandboxError as exc:
+            return _Response(exc.status, {"error": str(exc)})
+        return _Response(404, {"error": "not found"})
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise SandboxError(405, f"use {' or '.join(allowed)}")
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise SandboxError(400, "body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise SandboxError(400, "body must be a JSON object")
+    return value
+
+
+def _formatted(error: GraphQLError, code: str) -> dict[str, Any]:
+    formatted = dict(error.formatted)
+    formatted["extensions"] = {"code": code, **(formatted.get("extensions") or {})}
+    return formatted
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "SalesRenderSandbox/1.0"
+    timeout = 60  # idle keep-alive connections must not pin threads forever
+    sandbox: SalesRenderSandbox
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self._log_path = url.path  # never the query: it may hold the token
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self._send(_Response(411, _error_body("Content-Length required", "BAD_REQUEST"), close=True))
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY_BYTES:
+            self._send(_Response(413 if length > 0 else 400, _error_body("Bad Content-Length", "BAD_REQUEST"),
+                                 close=True))
+            return
+        # Read the body before answering anything so a keep-alive connection stays in sync.
+        body = self.rfile.read(length) if length else b""
+        sandbox = self.sandbox
+        try:
+            if url.path == "/_sandbox" or url.path.startswith("/_sandbox/"):
+                response = sandbox.handle_control(method, url.path, body)
+            elif url.path == f"/companies/{sandbox.company_id}/CRM":
+                if method != "POST":
+                    response = _Response(405, _error_body("Use POST", "METHOD_NOT_ALLOWED"))
+                else:
+                    response = sandbox.handle_graphql(self.headers, parse_qs(url.query), body)
+            else:
+                response = _Response(404, _error_body("Not found", "NOT_FOUND"))
+        except Exception as exc:  # noqa: BLE001 - a sandbox bug must show up as a 500, not a dropped connection
+            sys.stderr.write(f"salesrender sandbox: internal error {type(exc).__name__}: {exc}\n")
+            response = _Response(500, _error_body("Internal sandbox error", "INTERNAL_SERVER_ERROR"))
+        self._send(response)
+
+    def _send(self, response: _Response) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        if response.close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(response.body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # Method, path and status only: request lines may carry ?token=, bodies carry phone numbers.
+        if self.sandbox.verbose:
+            path = getattr(self, "_log_path", "?")
+            sys.stderr.write(f"salesrender sandbox: {self.command} {path} {code}\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Strict SalesRender CRM sandbox (GraphQL over HTTP).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8101)
+    parser.add_argument("--token", default=os.environ.get("SALESRENDER_API_TOKEN") or DEFAULT_TOKEN)
+    parser.add_argument("--company-id", default="1")
+    parser.add_argument("--quiet", action="store_true", help="do not log requests")
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+    # Only set a flag in the handler; the main loop shuts the server down outside signal context.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    sandbox = SalesRenderSandbox(host=args.host, port=args.port, token=args.token, company_id=args.company_id,
+                                 verbose=not args.quiet)
+    try:
+        sandbox.start()
+    except OSError as exc:
+        print(f"salesrender sandbox: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"salesrender sandbox: {sandbox.api_url}", flush=True)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        sandbox.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""infra/template.yaml, the local stack built from it (infra/local/stack.py) and the IAM policy files.
+
+Self-contained: sets its own fake AWS environment and runs moto in-process, so it depends on neither
+conftest.py nor a running moto server.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from moto import mock_aws
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+stack = importlib.import_module("infra.local.stack")  # after the path fix, without relying on conftest
+
+TEMPLATE = ROOT / "infra" / "template.yaml"
+KINDS = ("intake", "callbacks", "recordings")
+MAX_RECEIVE = {"intake": 25, "callbacks": 25, "recordings": 25}
+ENV_KEYS = {
+    "CALLBRIDGE_STAGE", "INTAKE_QUEUE", "INTAKE_DLQ", "CALLBACKS_QUEUE", "CALLBACKS_DLQ", "RECORDINGS_QUEUE",
+    "RECORDINGS_DLQ", "STATE_TABLE", "RECORDINGS_BUCKET", "ALERTS_TOPIC_ARN",
+}
+
+# moto warns about the resource types its CloudFormation skips (alarms, bucket policy); expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS::")
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """A fresh in-process AWS, with fake credentials and no leftover resource-name overrides."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SECURITY_TOKEN": "testing",
+        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    for key in ENV_KEYS | {"AWS_ENDPOINT_URL", "AWS_PROFILE"}:
+        monkeypatch.delenv(key, raising=False)
+    with mock_aws():
+        yield
+
+
+def queue_attributes(name: str) -> dict:
+    sqs = boto3.client("sqs")
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+
+
+def lifecycle(bucket: str) -> list[dict]:
+    return boto3.client("s3").get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+
+
+# --- the template ---------------------------------------------------------------------------------------
+
+
+def test_template_passes_cfn_lint():
+    from cfnlint.api import lint_file
+
+    matches = lint_file(TEMPLATE)
+    assert [str(m) for m in matches] == []  # errors, warnings and informational findings alike
+
+
+def test_template_is_plain_yaml_with_the_agreed_outputs():
+    text = TEMPLATE.read_text(encoding="utf-8")
+    assert "!Ref" not in text and "!Sub" not in text and "!GetAtt" not in text
+    template = yaml.safe_load(text)
+    assert set(template["Outputs"]) == set(stack.OUTPUT_ENV)
+    for name, output in template["Outputs"].items():
+        assert output["Export"]["Name"] == {"Fn::Sub": f"callbridge-${{Stage}}-{name}"}
+    params = template["Parameters"]
+    assert params["Stage"]["Default"] == "dev"
+    assert params["RetentionDays"] == {**params["RetentionDays"], "Type": "Number", "Default": 30, "MinValue": 1}
+    subscription = template["Resources"]["AlertsEmailSubscription"]
+    assert subscription["Condition"] == "HasAlertEmail"
+
+
+def test_template_alarms_on_every_dlq():
+    resources = stack.load_template()["Resources"]
+    alarms = {name: r["Properties"] for name, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    watched = sorted(a["Dimensions"][0]["Value"]["Fn::GetAtt"][0] for a in alarms.values())
+    assert watched == ["CallbacksDlq", "IntakeDlq", "RecordingsDlq"]
+    for alarm in alarms.values():
+        assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        assert (alarm["Period"], alarm["EvaluationPeriods"], alarm["Threshold"]) == (300, 1, 0)
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+        assert alarm["AlarmActions"] == [{"Ref": "AlertsTopic"}]
+
+
+def test_template_lifecycle_rules_in_s3_api_shape():
+    assert stack.template_lifecycle_rules(30) == [{
+        "ID": "expire-after-retention",
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "Expiration": {"Days": 30},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+    }]
+    assert stack.template_lifecycle_rules(7)[0]["Expiration"] == {"Days": 7}
+
+
+# --- deploy() on moto ----------------------------------------------------------------------------------
+
+
+def test_deploy_creates_queues_with_redrive(aws):
+    env = stack.deploy(stage="local")
+    assert len(boto3.client("sqs").list_queues()["QueueUrls"]) == 6
+    for kind in KINDS:
+        queue = queue_attributes(env[f"{kind.upper()}_QUEUE"])
+        dlq = queue_attributes(env[f"{kind.upper()}_DLQ"])
+        assert env[f"{kind.upper()}_QUEUE"] == f"callbridge-local-{kind}"
+        assert env[f"{kind.upper()}_DLQ"] == f"callbridge-local-{kind}-dlq"
+        assert json.loads(queue["RedrivePolicy"]) == {
+            "deadLetterTargetArn": dlq["QueueArn"], "maxReceiveCount": MAX_RECEIVE[kind]}
+        assert queue["VisibilityTimeout"] == "360"
+        assert queue["MessageRetentionPeriod"] == "345600"
+        assert dlq["MessageRetentionPeriod"] == "1209600"
+        assert queue["SqsManagedSseEnabled"] == dlq["SqsManagedSseEnabled"] == "true"
+        assert "RedrivePolicy" not in dlq
+
+
+def test_deploy_creates_the_state_table(aws):
+    env = stack.deploy(stage="local")
+    ddb = boto3.client("dynamodb")
+    table = ddb.describe_table(TableName=env["STATE_TABLE"])["Table"]
+    assert table["TableName"] == "callbridge-local-state"
+    assert table["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"},
+                                  {"AttributeName": "sk", "KeyType": "RANGE"}]
+    assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert ddb.describe_time_to_live(TableName=env["STATE_TABLE"])["TimeToLiveDescription"] == {
+        "TimeToLiveStatus": "ENABLED", "AttributeName": "ttl"}
+    backups = ddb.describe_continuous_backups(TableName=env["STATE_TABLE"])["ContinuousBackupsDescription"]
+    assert backups["PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"] == "ENABLED"
+
+
+def test_deploy_creates_the_private_encrypted_expiring_bucket(aws):
+    env = stack.deploy(stage="local")
+    s3 = boto3.client("s3")
+    bucket = env["RECORDINGS_BUCKET"]
+    assert bucket == "callbridge-local-recordings-123456789012"  # moto's default account id
+    assert s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True, "RestrictPublicBuckets": True}
+    assert s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"] == [
+        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}]
+    assert s3.get_bucket_ownership_controls(Bucket=bucket)["OwnershipControls"] == {
+        "Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    assert lifecycle(bucket) == stack.template_lifecycle_rules(30)
+    policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    (deny,) = policy["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert deny["Resource"] == [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
+
+
+def test_deploy_with_retention_days_7(aws):
+    env = stack.deploy(stage="local", parameters={"RetentionDays": 7})
+    assert lifecycle(env["RECORDINGS_BUCKET"]) == stack.template_lifecycle_rules(7)
+    assert stack.template_lifecycle_rules(7) != stack.template_lifecycle_rules(30)
+
+
+def test_deploy_creates_the_alerts_topic(aws):
+    env = stack.deploy(stage="local")
+    assert env["ALERTS_TOPIC_ARN"] == "arn:aws:sns:us-east-1:123456789012:callbridge-local-alerts"
+    topics = [t["TopicArn"] for t in boto3.client("sns").list_topics()["Topics"]]
+    assert topics == [env["ALERTS_TOPIC_ARN"]]
+    assert boto3.client("sns").list_subscriptions()["Subscriptions"] == []  # AlertEmail empty: none
+
+
+def test_deploy_twice_is_idempotent(aws):
+    params = {"AlertEmail": "ops@example.com"}
+    first = stack.deploy(stage="local", parameters=params)
+    sqs = boto3.client("sqs")
+    url = sqs.get_queue_url(QueueName=first["INTAKE_QUEUE"])["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="survives")
+    boto3.client("dynamodb").put_item(TableName=first["STATE_TABLE"], Item={"pk": {"S": "a"}, "sk": {"S": "b"}})
+
+    assert stack.deploy(stage="local", parameters=params) == first
+
+    cfn = boto3.client("cloudformation")
+    (only,) = cfn.describe_stacks()["Stacks"]
+    assert (only["StackName"], only["StackStatus"]) == ("callbridge-local", "CREATE_COMPLETE")  # no update
+    assert len(sqs.list_queues()["QueueUrls"]) == 6
+    assert len(boto3.client("s3").list_buckets()["Buckets"]) == 1
+    subscriptions = boto3.client("sns").list_subscriptions()["Subscriptions"]
+    assert [(s["Protocol"], s["Endpoint"]) for s in subscriptions] == [("email", "ops@example.com")]
+    message = sqs.receive_message(QueueUrl=url)["Messages"][0]
+    assert message["Body"] == "survives"
+    assert boto3.client("dynamodb").get_item(
+        TableName=first["STATE_TABLE"], Key={"pk": {"S": "a"}, "sk": {"S": "b"}})["Item"]
+
+
+def test_deploy_with_changed_parameters_updates_the_stack(aws):
+    env = stack.deploy(stage="local")
+    sqs = boto3.client("sqs")
+    url = sqs.get_queue_url(QueueName=env["RECORDINGS_QUEUE"])["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="kept")
+
+    assert stack.deploy(stage="local", parameters={"RetentionDays": 7}) == env
+
+    (only,) = boto3.client("cloudformation").describe_stacks()["Stacks"]
+    assert only["StackStatus"] == "UPDATE_COMPLETE"
+    assert {p["ParameterKey"]: p["ParameterValue"] for p in only["Parameters"]}["RetentionDays"] == "7"
+    assert lifecycle(env["RECORDINGS_BUCKET"]) == stack.template_lifecycle_rules(7)
+    assert sqs.receive_message(QueueUrl=url)["Messages"][0]["Body"] == "kept"
+
+
+def test_deploy_rejects_bad_parameters_before_creating_anything(aws):
+    with pytest.raises(ValueError, match="Stage"):
+        stack.deploy(stage="Local_Stage")
+    with pytest.raises(ValueError, match="RetentionDays"):
+        stack.deploy(stage="local", parameters={"RetentionDays": 0})
+    with pytest.raises(ValueError, match="unknown"):
+        stack.deploy(stage="local", parameters={"Retention": 7})
+    assert boto3.client("cloudformation").describe_stacks()["Stacks"] == []
+
+
+def test_env_matches_functions_resources_defaults(aws, monkeypatch):
+    from functions import resources
+
+    env = stack.deploy(stage="local")
+    assert set(env) == ENV_KEYS
+    monkeypatch.setenv("CALLBRIDGE_STAGE", env["CALLBRIDGE_STAGE"])
+    for kind in KINDS:
+        assert env[f"{kind.upper()}_QUEUE"] == resources.queue_name(kind)
+        assert env[f"{kind.upper()}_DLQ"] == resources.dlq_name(kind)
+    assert env["STATE_TABLE"] == resources.table_name()
+    # The bucket name carries the account id (global namespace), so the app must get RECORDINGS_BUCKET.
+    assert env["RECORDINGS_BUCKET"].startswith(resources.bucket_name() + "-")
+
+
+def test_cli_prints_the_environment(aws, capsys):
+    assert stack.main(["--stage", "local"]) == 0
+    printed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert printed == stack.deploy(stage="local")
+
+
+# --- IAM policy files ----------------------------------------------------------------------------------
+
+
+def allowed(policy: dict, action: str, resource: str) -> bool:
+    """A minimal IAM evaluation (Allow statements, wildcards in resources), enough for these files."""
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if statement["Effect"] == "Allow" and action in actions and any(
+                fnmatchcase(resource, pattern) for pattern in resources):
+            return True
+    return False
+
+
+def stage_arns(stage: str) -> dict[str, list[str]]:
+    """ARNs of the stage's resources, named from the template itself."""
+    template = stack.load_template()
+    resolver = stack.Resolver(template, stack._parameter_values(template, {"Stage": stage}),
+                              stack._pseudo_parameters("123456789012", "eu-central-1", f"callbridge-{stage}"))
+    name_keys = ("QueueName", "TableName", "BucketName", "TopicName")
+    props = {name: {k: resolver.resolve(v) for k, v in r.get("Properties", {}).items() if k in name_keys}
+             for name, r in template["Resources"].items()}
+    prefix = "arn:aws:{}:eu-central-1:123456789012:"
+    queues = [prefix.format("sqs") + props[f"{k.capitalize()}{s}"]["QueueName"] for k in KINDS
+              for s in ("Queue", "Dlq")]
+    table = prefix.format("dynamodb") + "table/" + props["StateTable"]["TableName"]
+    bucket = "arn:aws:s3:::" + props["RecordingsBucket"]["BucketName"]
+    log_group = prefix.format("logs") + f"log-group:/aws/lambda/callbridge-{stage}"
+    return {
+        "sqs": queues,
+        "dynamodb": [table, table + "/index/by-phone"],
+        "s3-object": [bucket + "/recordings/2026/01/call.mp3"],
+        "s3-bucket": [bucket],
+        "sns": [prefix.format("sns") + props["AlertsTopic"]["TopicName"]],
+        "ssm": [prefix.format("ssm") + f"parameter/callbridge/{stage}/beeline-api-token"],
+        "logs-group": [log_group, log_group + "-intake_worker"],
+        "logs-stream": [log_group + ":log-stream:2026/01/01/[$LATEST]abc",
+                        log_group + "-intake_worker:log-stream:2026/01/01/[$LATEST]abc"],
+    }
+
+
+NEEDED = {
+    "sqs": ["sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
+    "dynamodb": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
+                 "dynamodb:Query", "dynamodb:ConditionCheckItem", "dynamodb:TransactWriteItems",
+                 "dynamodb:BatchGetItem"],
+    "s3-object": ["s3:GetObject", "s3:PutObject"],
+    "s3-bucket": ["s3:ListBucket"],
+    "sns": ["sns:Publish"],
+    "ssm": ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"],
+    "logs-group": ["logs:CreateLogGroup"],
+    "logs-stream": ["logs:CreateLogStream", "logs:PutLogEvents"],
+}
+
+
+@pytest.mark.parametrize("stage,other", [("dev", "prod"), ("prod", "dev")])
+def test_policy_grants_what_the_app_needs_on_its_own_stage_only(stage, other):
+    policy = json.loads((ROOT / ".chalice" / f"policy-{stage}.json").read_text(encoding="utf-8"))
+    mine, theirs = stage_arns(stage), stage_arns(other)
+    for kind, actions in NEEDED.items():
+        for action in actions:
+            for arn in mine[kind]:
+                assert allowed(policy, action, arn), (action, arn)
+            for arn in theirs[kind]:
+                assert not allowed(policy, action, arn), (action, arn)
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert all("*" not in a for a in actions), statement
+        assert statement["Resource"] != "*", statement
+        assert not any(a.startswith("cloudwatch:") for a in actions)  # metrics go out as EMF in logs
+    (kms,) = [s for s in policy["Statement"] if s["Action"] == ["kms:Decrypt"]]
+    assert kms["Condition"] == {"StringLike": {"kms:ViaService": "ssm.*.amazonaws.com"}}

@@ -27,20 +27,31 @@ TEMPLATE = ROOT / "infra" / "template.yaml"
 KINDS = ("intake", "callbacks", "recordings")
 MAX_RECEIVE = {"intake": 25, "callbacks": 25, "recordings": 25}
 ENV_KEYS = {
-    "CALLBRIDGE_STAGE", "INTAKE_QUEUE", "INTAKE_DLQ", "CALLBACKS_QUEUE", "CALLBACKS_DLQ", "RECORDINGS_QUEUE",
-    "RECORDINGS_DLQ", "STATE_TABLE", "RECORDINGS_BUCKET", "ALERTS_TOPIC_ARN",
+    "CALLBRIDGE_STAGE",
+    "INTAKE_QUEUE",
+    "INTAKE_DLQ",
+    "CALLBACKS_QUEUE",
+    "CALLBACKS_DLQ",
+    "RECORDINGS_QUEUE",
+    "RECORDINGS_DLQ",
+    "STATE_TABLE",
+    "RECORDINGS_BUCKET",
+    "ALERTS_TOPIC_ARN",
 }
 
 # moto warns about the resource types its CloudFormation skips (alarms, bucket policy); expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS::")
+pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS:UserWarning")  # no "::" (the field separator)
 
 
 @pytest.fixture
 def aws(monkeypatch):
     """A fresh in-process AWS, with fake credentials and no leftover resource-name overrides."""
     for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SECURITY_TOKEN": "testing",
-        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECURITY_TOKEN": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(key, value)
     for key in ENV_KEYS | {"AWS_ENDPOINT_URL", "AWS_PROFILE"}:
@@ -96,13 +107,15 @@ def test_template_alarms_on_every_dlq():
 
 
 def test_template_lifecycle_rules_in_s3_api_shape():
-    assert stack.template_lifecycle_rules(30) == [{
-        "ID": "expire-after-retention",
-        "Status": "Enabled",
-        "Filter": {"Prefix": ""},
-        "Expiration": {"Days": 30},
-        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
-    }]
+    assert stack.template_lifecycle_rules(30) == [
+        {
+            "ID": "expire-after-retention",
+            "Status": "Enabled",
+            "Filter": {"Prefix": ""},
+            "Expiration": {"Days": 30},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+        }
+    ]
     assert stack.template_lifecycle_rules(7)[0]["Expiration"] == {"Days": 7}
 
 
@@ -118,7 +131,9 @@ def test_deploy_creates_queues_with_redrive(aws):
         assert env[f"{kind.upper()}_QUEUE"] == f"callbridge-local-{kind}"
         assert env[f"{kind.upper()}_DLQ"] == f"callbridge-local-{kind}-dlq"
         assert json.loads(queue["RedrivePolicy"]) == {
-            "deadLetterTargetArn": dlq["QueueArn"], "maxReceiveCount": MAX_RECEIVE[kind]}
+            "deadLetterTargetArn": dlq["QueueArn"],
+            "maxReceiveCount": MAX_RECEIVE[kind],
+        }
         assert queue["VisibilityTimeout"] == "360"
         assert queue["MessageRetentionPeriod"] == "345600"
         assert dlq["MessageRetentionPeriod"] == "1209600"
@@ -131,11 +146,15 @@ def test_deploy_creates_the_state_table(aws):
     ddb = boto3.client("dynamodb")
     table = ddb.describe_table(TableName=env["STATE_TABLE"])["Table"]
     assert table["TableName"] == "callbridge-local-state"
-    assert table["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"},
-                                  {"AttributeName": "sk", "KeyType": "RANGE"}]
+    assert table["KeySchema"] == [
+        {"AttributeName": "pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
+    ]
     assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
     assert ddb.describe_time_to_live(TableName=env["STATE_TABLE"])["TimeToLiveDescription"] == {
-        "TimeToLiveStatus": "ENABLED", "AttributeName": "ttl"}
+        "TimeToLiveStatus": "ENABLED",
+        "AttributeName": "ttl",
+    }
     backups = ddb.describe_continuous_backups(TableName=env["STATE_TABLE"])["ContinuousBackupsDescription"]
     assert backups["PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"] == "ENABLED"
 
@@ -146,11 +165,17 @@ def test_deploy_creates_the_private_encrypted_expiring_bucket(aws):
     bucket = env["RECORDINGS_BUCKET"]
     assert bucket == "callbridge-local-recordings-123456789012"  # moto's default account id
     assert s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"] == {
-        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True, "RestrictPublicBuckets": True}
+        "BlockPublicAcls": True,
+        "IgnorePublicAcls": True,
+        "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True,
+    }
     assert s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"] == [
-        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}]
+        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}
+    ]
     assert s3.get_bucket_ownership_controls(Bucket=bucket)["OwnershipControls"] == {
-        "Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+        "Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]
+    }
     assert lifecycle(bucket) == stack.template_lifecycle_rules(30)
     policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
     (deny,) = policy["Statement"]
@@ -191,8 +216,9 @@ def test_deploy_twice_is_idempotent(aws):
     assert [(s["Protocol"], s["Endpoint"]) for s in subscriptions] == [("email", "ops@example.com")]
     message = sqs.receive_message(QueueUrl=url)["Messages"][0]
     assert message["Body"] == "survives"
-    assert boto3.client("dynamodb").get_item(
-        TableName=first["STATE_TABLE"], Key={"pk": {"S": "a"}, "sk": {"S": "b"}})["Item"]
+    assert boto3.client("dynamodb").get_item(TableName=first["STATE_TABLE"], Key={"pk": {"S": "a"}, "sk": {"S": "b"}})[
+        "Item"
+    ]
 
 
 def test_deploy_with_changed_parameters_updates_the_stack(aws):
@@ -248,8 +274,11 @@ def allowed(policy: dict, action: str, resource: str) -> bool:
     for statement in policy["Statement"]:
         actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
         resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        if statement["Effect"] == "Allow" and action in actions and any(
-                fnmatchcase(resource, pattern) for pattern in resources):
+        if (
+            statement["Effect"] == "Allow"
+            and action in actions
+            and any(fnmatchcase(resource, pattern) for pattern in resources)
+        ):
             return True
     return False
 
@@ -257,14 +286,20 @@ def allowed(policy: dict, action: str, resource: str) -> bool:
 def stage_arns(stage: str) -> dict[str, list[str]]:
     """ARNs of the stage's resources, named from the template itself."""
     template = stack.load_template()
-    resolver = stack.Resolver(template, stack._parameter_values(template, {"Stage": stage}),
-                              stack._pseudo_parameters("123456789012", "eu-central-1", f"callbridge-{stage}"))
+    resolver = stack.Resolver(
+        template,
+        stack._parameter_values(template, {"Stage": stage}),
+        stack._pseudo_parameters("123456789012", "eu-central-1", f"callbridge-{stage}"),
+    )
     name_keys = ("QueueName", "TableName", "BucketName", "TopicName")
-    props = {name: {k: resolver.resolve(v) for k, v in r.get("Properties", {}).items() if k in name_keys}
-             for name, r in template["Resources"].items()}
+    props = {
+        name: {k: resolver.resolve(v) for k, v in r.get("Properties", {}).items() if k in name_keys}
+        for name, r in template["Resources"].items()
+    }
     prefix = "arn:aws:{}:eu-central-1:123456789012:"
-    queues = [prefix.format("sqs") + props[f"{k.capitalize()}{s}"]["QueueName"] for k in KINDS
-              for s in ("Queue", "Dlq")]
+    queues = [
+        prefix.format("sqs") + props[f"{k.capitalize()}{s}"]["QueueName"] for k in KINDS for s in ("Queue", "Dlq")
+    ]
     table = prefix.format("dynamodb") + "table/" + props["StateTable"]["TableName"]
     bucket = "arn:aws:s3:::" + props["RecordingsBucket"]["BucketName"]
     log_group = prefix.format("logs") + f"log-group:/aws/lambda/callbridge-{stage}"
@@ -276,17 +311,32 @@ def stage_arns(stage: str) -> dict[str, list[str]]:
         "sns": [prefix.format("sns") + props["AlertsTopic"]["TopicName"]],
         "ssm": [prefix.format("ssm") + f"parameter/callbridge/{stage}/beeline-api-token"],
         "logs-group": [log_group, log_group + "-intake_worker"],
-        "logs-stream": [log_group + ":log-stream:2026/01/01/[$LATEST]abc",
-                        log_group + "-intake_worker:log-stream:2026/01/01/[$LATEST]abc"],
+        "logs-stream": [
+            log_group + ":log-stream:2026/01/01/[$LATEST]abc",
+            log_group + "-intake_worker:log-stream:2026/01/01/[$LATEST]abc",
+        ],
     }
 
 
 NEEDED = {
-    "sqs": ["sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
-            "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
-    "dynamodb": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
-                 "dynamodb:Query", "dynamodb:ConditionCheckItem", "dynamodb:TransactWriteItems",
-                 "dynamodb:BatchGetItem"],
+    "sqs": [
+        "sqs:SendMessage",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueUrl",
+        "sqs:GetQueueAttributes",
+    ],
+    "dynamodb": [
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:Query",
+        "dynamodb:ConditionCheckItem",
+        "dynamodb:TransactWriteItems",
+        "dynamodb:BatchGetItem",
+    ],
     "s3-object": ["s3:GetObject", "s3:PutObject"],
     "s3-bucket": ["s3:ListBucket"],
     "sns": ["sns:Publish"],

@@ -13,6 +13,7 @@ import pytest
 from conftest import EVENTS, TILDA_KEY, bodies, deliver, receive
 
 from functions import leads, queues, replay_dlq, resources
+from infra.local.runner import LambdaContext
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -125,7 +126,7 @@ def test_concurrent_workers_on_one_lead_create_one_order(client, salesrender_san
 
     def work():
         try:
-            intake_worker.process({"lead_id": lead_id})
+            intake_worker.process({"lead_id": lead_id}, LambdaContext("callbridge-test-intake_worker"))
             outcomes.append("done")
         except queues.Transient:
             outcomes.append("retry later")

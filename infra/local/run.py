@@ -21,6 +21,7 @@ from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
+LOG_DIR = ROOT / "build" / "local"
 
 # Embedded defaults for the local stack only: dummy credentials of the sandboxes, not secrets.
 LOCAL_DEFAULTS = {
@@ -67,9 +68,15 @@ class Stack:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         self.env["PYTHONUNBUFFERED"] = "1"
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], quiet: bool = False) -> subprocess.Popen:
         # A process group of its own: a Ctrl-C in a terminal reaches us once, and we stop the children.
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+        # A quiet child (moto's access log) writes to build/local/<name>.log instead of the terminal.
+        out = None
+        if quiet:
+            LOG_DIR.mkdir(parents=True, exist_ok=True)
+            out = (LOG_DIR / f"{name}.log").open("w")
+        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                stdout=out, stderr=out)
         self.procs.append((name, proc))
         return proc
 
@@ -79,10 +86,12 @@ class Stack:
             port = int(self.env.get("MOTO_PORT", "5000"))
             if not port_free(port):
                 raise RuntimeError(f"port {port} is taken: set MOTO_PORT, or AWS_ENDPOINT_URL to use that server")
-            proc = self.spawn("moto", [py, "-m", "moto.server", "-H", HOST, "-p", str(port)])
+            proc = self.spawn("moto", [py, "-m", "moto.server", "-H", HOST, "-p", str(port)], quiet=True)
             self.env["AWS_ENDPOINT_URL"] = f"http://{HOST}:{port}"
             wait_for(f"{self.env['AWS_ENDPOINT_URL']}/moto-api/", 30, proc)
-        print(f"moto server (AWS): {self.env['AWS_ENDPOINT_URL']}", flush=True)
+            print(f"moto server (AWS): {self.env['AWS_ENDPOINT_URL']} (log: build/local/moto.log)", flush=True)
+        else:
+            print(f"moto server (AWS): {self.env['AWS_ENDPOINT_URL']} (external)", flush=True)
 
         os.environ.update(self.env)  # the stack deploy below runs in this process
         from infra.local import stack
@@ -95,7 +104,7 @@ class Stack:
             port = int(self.env.get("SALESRENDER_SANDBOX_PORT", "8101"))
             proc = self.spawn("salesrender", [py, "-m", "infra.local.salesrender_sandbox", "--host", HOST,
                                               "--port", str(port), "--token", self.env["SALESRENDER_API_TOKEN"],
-                                              "--company-id", self.env["SALESRENDER_COMPANY_ID"]])
+                                              "--company-id", self.env["SALESRENDER_COMPANY_ID"], "--quiet"])
             wait_for(f"http://{HOST}:{port}/_sandbox/health", 30, proc)
             self.env["SALESRENDER_API_URL"] = f"http://{HOST}:{port}/companies/{self.env['SALESRENDER_COMPANY_ID']}/CRM"
         else:
@@ -114,13 +123,12 @@ class Stack:
         print("ready", flush=True)
 
     def stop(self) -> None:
+        # Newest first, one at a time: the runner and the app finish their calls while moto still answers.
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
-        deadline = time.monotonic() + 10
-        for _, proc in reversed(self.procs):
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

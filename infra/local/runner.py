@@ -102,6 +102,11 @@ class Runner:
         self.region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         self.delivered = 0
 
+    @staticmethod
+    def function_name(handler_string: str) -> str:
+        """The Lambda function name Chalice deploys: callbridge-<stage>-<handler>."""
+        return f"callbridge-{resources.stage()}-{handler_string.rsplit('.', 1)[-1]}"
+
     def _handler(self, handler_string: str):
         return getattr(self.app_module, handler_string.rsplit(".", 1)[-1])
 
@@ -132,7 +137,7 @@ class Runner:
                 continue
             for message in messages:
                 self.delivered += 1
-                invoke(sqs, url, arn, message, handler, handler_string, self.region)
+                invoke(sqs, url, arn, message, handler, self.function_name(handler_string), self.region)
 
     def tick(self, name: str, expression: str, handler_string: str) -> None:
         period = rate_seconds(expression)
@@ -143,7 +148,7 @@ class Runner:
         interval = max(1.0, period * self.schedule_scale)
         while not self.stop_event.wait(interval):
             try:
-                handler(schedule_event(name, self.region), LambdaContext(handler_string))
+                handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
             except Exception:
                 logger.exception("scheduled handler failed", extra={"schedule": name})
 

@@ -788,7 +788,7 @@ class _Handler(BaseHTTPRequestHandler):
                     response = sandbox.handle_graphql(self.headers, parse_qs(url.query), body)
             else:
                 response = _Response(404, _error_body("Not found", "NOT_FOUND"))
-        except Exception as exc:  # noqa: BLE001 - a sandbox bug must show up as a 500, not a dropped connection
+        except Exception as exc:
             sys.stderr.write(f"salesrender sandbox: internal error {type(exc).__name__}: {exc}\n")
             response = _Response(500, _error_body("Internal sandbox error", "INTERNAL_SERVER_ERROR"))
         self._send(response)

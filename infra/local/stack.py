@@ -108,8 +108,9 @@ class Resolver:
     AWS::AccountId, AWS::Region and friends.
     """
 
-    def __init__(self, template: dict, parameters: dict[str, Any], pseudo: dict[str, str],
-                 physical: dict[str, str] | None = None):
+    def __init__(
+        self, template: dict, parameters: dict[str, Any], pseudo: dict[str, str], physical: dict[str, str] | None = None
+    ):
         self.template = template
         self.parameters = parameters
         self.pseudo = pseudo
@@ -154,7 +155,7 @@ class Resolver:
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
-            (key, arg), = value.items()
+            ((key, arg),) = value.items()
             if key == "Ref":
                 return self._ref(arg)
             if key == "Fn::Sub":
@@ -216,8 +217,7 @@ def lifecycle_rule_to_api(rule: dict) -> dict:
     tags = [{"Key": t["Key"], "Value": t["Value"]} for t in rule.pop("TagFilters", [])]
     sizes = {k: rule.pop(k) for k in ("ObjectSizeGreaterThan", "ObjectSizeLessThan") if k in rule}
     if bool(prefix) + len(tags) + len(sizes) > 1:  # S3 wants several conditions wrapped in And
-        out["Filter"] = {"And": {**({"Prefix": prefix} if prefix else {}), **({"Tags": tags} if tags else {}),
-                                 **sizes}}
+        out["Filter"] = {"And": {**({"Prefix": prefix} if prefix else {}), **({"Tags": tags} if tags else {}), **sizes}}
     elif tags:
         out["Filter"] = {"Tag": tags[0]}
     elif sizes:
@@ -242,9 +242,11 @@ def lifecycle_rule_to_api(rule: dict) -> dict:
         out["NoncurrentVersionExpiration"] = dict(rule.pop("NoncurrentVersionExpiration"))
     if "Transitions" in rule:
         out["Transitions"] = [
-            {**({"Days": int(t["TransitionInDays"])} if "TransitionInDays" in t else {}),
-             **({"Date": t["TransitionDate"]} if "TransitionDate" in t else {}),
-             "StorageClass": t["StorageClass"]}
+            {
+                **({"Days": int(t["TransitionInDays"])} if "TransitionInDays" in t else {}),
+                **({"Date": t["TransitionDate"]} if "TransitionDate" in t else {}),
+                "StorageClass": t["StorageClass"],
+            }
             for t in rule.pop("Transitions")
         ]
     if rule:
@@ -269,8 +271,11 @@ def encryption_to_api(bucket_encryption: dict) -> dict:
 def template_lifecycle_rules(retention_days: int = 30, template: dict | None = None) -> list[dict]:
     """The recordings bucket's lifecycle rules in S3 API shape, as the template defines them."""
     template = template or load_template()
-    resolver = Resolver(template, _parameter_values(template, {"RetentionDays": retention_days}),
-                        _pseudo_parameters("000000000000", "us-east-1", "callbridge-test"))
+    resolver = Resolver(
+        template,
+        _parameter_values(template, {"RetentionDays": retention_days}),
+        _pseudo_parameters("000000000000", "us-east-1", "callbridge-test"),
+    )
     buckets = [props for _, props in resolver.resources("AWS::S3::Bucket") if "LifecycleConfiguration" in props]
     if len(buckets) != 1:
         raise ValueError(f"expected one bucket with a lifecycle configuration, found {len(buckets)}")
@@ -298,8 +303,9 @@ def _session(endpoint_url: str | None, region: str):
     session = boto3.session.Session(region_name=region)
     if endpoint_url and session.get_credentials() is None:
         # moto accepts any credentials; a fresh laptop has none configured.
-        session = boto3.session.Session(region_name=region, aws_access_key_id="testing",
-                                        aws_secret_access_key="testing")  # noqa: S106 - moto's fake
+        session = boto3.session.Session(
+            region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing"
+        )
     return session
 
 
@@ -365,14 +371,19 @@ def _apply_dropped_properties(session, endpoint_url: str | None, resolver: Resol
     for _, props in resolver.resources("AWS::S3::Bucket"):
         bucket = props["BucketName"]
         if "BucketEncryption" in props:
-            s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration=encryption_to_api(
-                props["BucketEncryption"]))
+            s3.put_bucket_encryption(
+                Bucket=bucket, ServerSideEncryptionConfiguration=encryption_to_api(props["BucketEncryption"])
+            )
         if "PublicAccessBlockConfiguration" in props:
             block = {k: bool(v) for k, v in props["PublicAccessBlockConfiguration"].items()}
             s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration=block)
         if "OwnershipControls" in props:
-            s3.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls={
-                "Rules": [{"ObjectOwnership": r["ObjectOwnership"]} for r in props["OwnershipControls"]["Rules"]]})
+            s3.put_bucket_ownership_controls(
+                Bucket=bucket,
+                OwnershipControls={
+                    "Rules": [{"ObjectOwnership": r["ObjectOwnership"]} for r in props["OwnershipControls"]["Rules"]]
+                },
+            )
         if "LifecycleConfiguration" in props:
             rules = [lifecycle_rule_to_api(r) for r in props["LifecycleConfiguration"]["Rules"]]
             s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
@@ -387,14 +398,22 @@ def _apply_dropped_properties(session, endpoint_url: str | None, resolver: Resol
             current = dynamodb.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
             enabled = current.get("TimeToLiveStatus") in ("ENABLED", "ENABLING")
             # Real DynamoDB rejects re-enabling TTL that is already on; only change what differs.
-            if enabled != bool(ttl["Enabled"]) or current.get("AttributeName", ttl["AttributeName"]) != ttl[
-                    "AttributeName"]:
-                dynamodb.update_time_to_live(TableName=table, TimeToLiveSpecification={
-                    "AttributeName": ttl["AttributeName"], "Enabled": bool(ttl["Enabled"])})
+            if (
+                enabled != bool(ttl["Enabled"])
+                or current.get("AttributeName", ttl["AttributeName"]) != ttl["AttributeName"]
+            ):
+                dynamodb.update_time_to_live(
+                    TableName=table,
+                    TimeToLiveSpecification={"AttributeName": ttl["AttributeName"], "Enabled": bool(ttl["Enabled"])},
+                )
         pitr = props.get("PointInTimeRecoverySpecification")
         if pitr:
-            dynamodb.update_continuous_backups(TableName=table, PointInTimeRecoverySpecification={
-                "PointInTimeRecoveryEnabled": bool(pitr["PointInTimeRecoveryEnabled"])})
+            dynamodb.update_continuous_backups(
+                TableName=table,
+                PointInTimeRecoverySpecification={
+                    "PointInTimeRecoveryEnabled": bool(pitr["PointInTimeRecoveryEnabled"])
+                },
+            )
 
     sns = session.client("sns", endpoint_url=endpoint_url)
     for _, props in resolver.resources("AWS::SNS::Subscription"):
@@ -404,8 +423,9 @@ def _apply_dropped_properties(session, endpoint_url: str | None, resolver: Resol
             sns.subscribe(TopicArn=topic, Protocol=props["Protocol"], Endpoint=props["Endpoint"])
 
 
-def deploy(endpoint_url: str | None = None, stage: str = "local", parameters: dict | None = None,
-           region: str = "us-east-1") -> dict[str, str]:
+def deploy(
+    endpoint_url: str | None = None, stage: str = "local", parameters: dict | None = None, region: str = "us-east-1"
+) -> dict[str, str]:
     """Create (or reuse, updating it if the template or parameters changed) the stack `callbridge-{stage}`.
 
     `endpoint_url` None uses whatever boto3 is configured with (AWS_ENDPOINT_URL, an in-process
@@ -428,8 +448,7 @@ def deploy(endpoint_url: str | None = None, stage: str = "local", parameters: di
         if r.get("LogicalResourceId") and r.get("PhysicalResourceId")  # moto lists unsupported ones bare
     }
     account = session.client("sts", endpoint_url=endpoint_url).get_caller_identity()["Account"]
-    resolver = Resolver(template, values, _pseudo_parameters(account, region, stack_name, stack["StackId"]),
-                        physical)
+    resolver = Resolver(template, values, _pseudo_parameters(account, region, stack_name, stack["StackId"]), physical)
     _apply_dropped_properties(session, endpoint_url, resolver)
 
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
@@ -443,12 +462,18 @@ def deploy(endpoint_url: str | None = None, stage: str = "local", parameters: di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                        help="moto server URL (default: AWS_ENDPOINT_URL)")
+    parser.add_argument(
+        "--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="moto server URL (default: AWS_ENDPOINT_URL)"
+    )
     parser.add_argument("--stage", default="local")
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    parser.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE",
-                        help="template parameter, e.g. RetentionDays=7 (repeatable)")
+    parser.add_argument(
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="template parameter, e.g. RetentionDays=7 (repeatable)",
+    )
     args = parser.parse_args(argv)
     params = {}
     for item in args.parameter:

@@ -1,0 +1,142 @@
+"""End to end through `make run` (R-26): the real processes on loopback, as a user starts them.
+
+A Tilda post to the app becomes an order in the SalesRender sandbox and a callback message on the
+callbacks queue of the moto server; the local bucket carries the template's lifecycle; SIGINT stops
+every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode
+
+import boto3
+import pytest
+import requests
+
+from infra.local import stack as local_stack
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+# What conftest sets for in-process tests must not leak into the stack: it runs on its own defaults.
+CONFTEST_KEYS = ("SALESRENDER_API_URL", "CALLBRIDGE_STAGE", "CALLBRIDGE_CONFIG", "TILDA_API_KEY",
+                 "SALESRENDER_API_TOKEN", "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def local_stack_running():
+    ports = {"MOTO_PORT": free_port(), "SALESRENDER_SANDBOX_PORT": free_port(), "CALLBRIDGE_PORT": free_port()}
+    env = {k: v for k, v in os.environ.items() if k not in CONFTEST_KEYS}
+    env.update({k: str(v) for k, v in ports.items()}, CALLBACK_DELAY_SECONDS="0")
+    proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.strip() == "ready":
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(120):
+            raise AssertionError("make run did not get ready:\n" + "\n".join(lines[-40:]))
+        yield {"ports": ports, "lines": lines, "proc": proc,
+               "app": f"http://127.0.0.1:{ports['CALLBRIDGE_PORT']}",
+               "sandbox": f"http://127.0.0.1:{ports['SALESRENDER_SANDBOX_PORT']}",
+               "aws": f"http://127.0.0.1:{ports['MOTO_PORT']}"}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+
+
+def aws_client(stack_info, service):
+    return boto3.client(service, endpoint_url=stack_info["aws"], region_name="us-east-1",
+                        aws_access_key_id="local", aws_secret_access_key="local")
+
+
+def test_make_run_prints_one_line_per_service(local_stack_running):
+    text = "\n".join(local_stack_running["lines"])
+    assert f"moto server (AWS): {local_stack_running['aws']}" in text
+    assert f"salesrender sandbox: {local_stack_running['sandbox']}/companies/1/CRM" in text
+    assert f"callbridge app: {local_stack_running['app']}" in text
+    assert "runner:" in text
+    assert requests.get(local_stack_running["app"] + "/v1/health", timeout=5).json()["ok"] is True
+
+
+def test_tilda_post_becomes_an_order_and_a_callback(local_stack_running):
+    tranid = f"e2e:{uuid.uuid4().hex[:12]}"
+    form = {"Name": "Анна", "Phone": "+7 (999) 111-22-33", "Email": "anna@example.com", "tranid": tranid,
+            "formid": "form493249737", "utm_source": "vk"}
+    response = requests.post(local_stack_running["app"] + "/webhooks/tilda", data=urlencode(form),
+                             headers={"Content-Type": "application/x-www-form-urlencoded",
+                                      "X-Api-Key": "local-tilda-key"}, timeout=10)
+    assert (response.status_code, response.text) == (200, "ok")
+
+    def order():
+        orders = requests.get(local_stack_running["sandbox"] + "/_sandbox/orders", timeout=5).json()
+        return [o for o in orders if "utm_source=vk" in o["source"].get("refererUri", "")]
+
+    [created] = wait_until(order, 30, "the order in the SalesRender sandbox")
+    assert created["orderData"]["phoneFields"] == [{"field": "phone", "value": "+79991112233"}]
+
+    sqs = aws_client(local_stack_running, "sqs")
+    url = sqs.get_queue_url(QueueName="callbridge-local-callbacks")["QueueUrl"]
+
+    def callback():
+        messages = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1, MaxNumberOfMessages=10).get("Messages", [])
+        return [json.loads(m["Body"]) for m in messages]
+
+    [message] = wait_until(callback, 30, "the callback message")
+    assert message["attempt"] == 1 and message["reason"] == "new_lead"
+
+
+def test_local_bucket_lifecycle_equals_the_templates(local_stack_running):
+    s3 = aws_client(local_stack_running, "s3")
+    bucket = next(b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith("callbridge-local-"))
+    rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert rules == local_stack.template_lifecycle_rules(30)
+
+
+def test_sigint_stops_every_process(local_stack_running):
+    proc, ports = local_stack_running["proc"], local_stack_running["ports"]
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=30)
+    wait_until(lambda: "stopped" in local_stack_running["lines"], 10, "the stopped line")
+    wait_until(lambda: not any(port_open(p) for p in ports.values()), 10, "every port to close")

@@ -43,8 +43,8 @@ def _reject(data: dict, field_name: str, message: str) -> Reply:
 
 
 def _stale(created_at: str) -> bool:
-    """A lead still "received" this long after creation lost its enqueue (the first copy died
-    mid-request); younger ones are being queued by a concurrent copy right now."""
+    """A lead still "received" this long after creation may have lost its enqueue (the first copy died
+    mid-request): queue it again. Younger ones are being queued by a concurrent copy right now."""
     try:
         created = dt.datetime.fromisoformat(created_at.replace("Z", "+00:00"))
     except ValueError:
@@ -118,6 +118,6 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         metric("LeadsDuplicate", offer=str(offer.id))
         if existing.get("state") != "received" or not _stale(existing.get("created_at", "")):
             return Reply(200, "ok")
+    # No second write to mark it queued: the worker moves the lead on, and a re-queue is harmless.
     queues.send("intake", {"lead_id": lead_id})
-    leads.update(lead_id, if_state="received", state="queued", queued_at=leads.now_iso())
     return Reply(200, "ok")

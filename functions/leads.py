@@ -69,10 +69,9 @@ def get(lead_id: str) -> dict | None:
     return {k: v for k, v in _from_dynamo(item).items() if k not in ("pk", "sk")}
 
 
-def update(lead_id: str, *, only_if_missing: str | None = None, if_state: str | None = None, **changes) -> bool:
+def update(lead_id: str, *, only_if_missing: str | None = None, **changes) -> bool:
     """Set attributes on an existing lead. With `only_if_missing`, only when that attribute is absent
-    (a once-only step such as scheduling the first callback); with `if_state`, only while the lead is
-    in that state (no step moves a lead backwards). False when the condition fails."""
+    (a once-only step such as scheduling the first callback); False when the condition fails."""
     from botocore.exceptions import ClientError
 
     names = {f"#k{i}": k for i, k in enumerate(changes)}
@@ -81,10 +80,6 @@ def update(lead_id: str, *, only_if_missing: str | None = None, if_state: str | 
     if only_if_missing:
         names["#once"] = only_if_missing
         condition += " AND attribute_not_exists(#once)"
-    if if_state:
-        names["#state"] = "state"
-        values[":expected_state"] = if_state
-        condition += " AND #state = :expected_state"
     try:
         resources.table().update_item(
             Key=_key(lead_id),

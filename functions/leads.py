@@ -8,13 +8,11 @@ Only this module knows the key layout; logic passes and receives plain dicts.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 import uuid
-from decimal import Decimal
 
-from functions import resources
+from functions import resources, store
 
 LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
 REJECTED_TTL_SECONDS = 30 * 86400
@@ -25,74 +23,30 @@ def lead_id_for(source: str, dedupe_key: str) -> str:
     return str(uuid.uuid5(LEAD_NAMESPACE, f"{source}:{dedupe_key}"))
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+now_iso = store.now_iso
 
 
 def _key(lead_id: str) -> dict:
     return {"pk": f"LEAD#{lead_id}", "sk": "LEAD"}
 
 
-def _to_dynamo(value):
-    # DynamoDB wants Decimal, not float; round-trip through JSON keeps nested data intact.
-    return json.loads(json.dumps(value, ensure_ascii=False), parse_float=Decimal)
-
-
-def _from_dynamo(value):
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {k: _from_dynamo(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_dynamo(v) for v in value]
-    return value
-
-
 def create(lead: dict) -> bool:
     """Store a new lead unless one with that id exists. True when this call created it."""
-    from botocore.exceptions import ClientError
-
-    item = {**_key(lead["lead_id"]), **_to_dynamo(lead)}
-    try:
-        resources.table().put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+    return store.put_new(_key(lead["lead_id"]), lead)
 
 
 def get(lead_id: str) -> dict | None:
-    item = resources.table().get_item(Key=_key(lead_id), ConsistentRead=True).get("Item")
-    if item is None:
-        return None
-    return {k: v for k, v in _from_dynamo(item).items() if k not in ("pk", "sk")}
+    return store.get(_key(lead_id))
 
 
 def update(lead_id: str, *, only_if_missing: str | None = None, **changes) -> bool:
     """Set attributes on an existing lead. With `only_if_missing`, only when that attribute is absent
     (a once-only step such as scheduling the first callback); False when the condition fails."""
-    from botocore.exceptions import ClientError
-
-    names = {f"#k{i}": k for i, k in enumerate(changes)}
-    values = {f":v{i}": _to_dynamo(v) for i, v in enumerate(changes.values())}
-    condition = "attribute_exists(pk)"
+    condition, names = "attribute_exists(pk)", {}
     if only_if_missing:
-        names["#once"] = only_if_missing
         condition += " AND attribute_not_exists(#once)"
-    try:
-        resources.table().update_item(
-            Key=_key(lead_id),
-            UpdateExpression="SET " + ", ".join(f"#k{i} = :v{i}" for i in range(len(changes))),
-            ConditionExpression=condition,
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
-        )
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+        names["#once"] = only_if_missing
+    return store.update(_key(lead_id), changes, condition=condition, names=names)
 
 
 def store_rejected(source: str, reason: str, field_name: str, raw: dict) -> str:
@@ -121,4 +75,4 @@ def rejected_on(day: str) -> list[dict]:
     from boto3.dynamodb.conditions import Key
 
     items = resources.table().query(KeyConditionExpression=Key("pk").eq(f"REJECTED#{day}"))["Items"]
-    return [_from_dynamo(i) for i in items]
+    return [store.from_dynamo(i) for i in items]

@@ -1,0 +1,1 @@
+"""Beeline Cloud PBX: the portal API client (and, later, the XSI event parser)."""

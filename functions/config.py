@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "config/local.yaml"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$|^24:00$")
+_HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00")
 
 
 class ConfigError(ValueError):
@@ -115,8 +115,10 @@ class WorkingHours(_Model):
             if day not in DAYS:
                 raise ValueError(f"unknown day {day!r}: use {', '.join(DAYS)}")
             start, sep, end = span.partition("-")
-            if not sep or not _HHMM.match(start) or not _HHMM.match(end) or start >= end:
+            if not sep or not _HHMM.fullmatch(start) or not _HHMM.fullmatch(end) or start >= end:
                 raise ValueError(f"{day}: {span!r} is not HH:MM-HH:MM with start < end")
+        if not value:
+            raise ValueError("at least one day must be open")
         return value
 
     def window(self, day: str) -> tuple[dt.time, dt.time | None] | None:
@@ -172,7 +174,7 @@ class Offer(_Model):
     @field_validator("caller_id")
     @classmethod
     def _caller_id(cls, value: str) -> str:
-        if not re.fullmatch(r"\+7\d{10}", value):
+        if not re.fullmatch(r"\+7[0-9]{10}", value):
             raise ValueError("caller_id must be +7XXXXXXXXXX")
         return value
 
@@ -187,8 +189,9 @@ class Config(_Model):
     @model_validator(mode="after")
     def _cross_checks(self):
         ids = [o.id for o in self.offers]
-        if len(set(ids)) != len(ids):
-            raise ValueError("offers: duplicate offer id")
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"offers: duplicate offer id {duplicates[0]}")
         seen: dict[str, int] = {}
         for offer in self.offers:
             for form in offer.tilda_form_ids:

@@ -32,7 +32,7 @@ def connect_only_retry(total: int = 2) -> Retry:
         status_forcelist=(429, 503),
         allowed_methods=None,  # POST included, on the conditions above only
         backoff_factor=0.5,
-        respect_retry_after_header=True,
+        respect_retry_after_header=False,  # a long Retry-After would outlive the Lambda: the queue waits instead
         raise_on_status=False,
     )
 
@@ -44,6 +44,6 @@ def idempotent_retry(total: int = 3) -> Retry:
         backoff_factor=0.5,
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=None,
-        respect_retry_after_header=True,
+        respect_retry_after_header=False,  # a long Retry-After would outlive the Lambda: the queue waits instead
         raise_on_status=False,
     )

@@ -50,27 +50,53 @@ def show(e164: str, visibility: str) -> str:
     return e164 if visibility == "full" else mask(e164)
 
 
-# Phone-shaped runs in free text: optional +, 10-15 digits with the usual separators. Neighbouring
-# word characters or ':' exclude ids such as Tilda's tranid `1234567:8901234567` and epoch millis.
-_CANDIDATE = re.compile(r"(?<![\w:])(?:\+|%2B|\b)\d[\d\s\-().]{8,22}\d(?![\w:])")
+# Runs of digits with the usual phone separators, optionally after + (or %2B in URL-encoded text).
+# A neighbouring word character excludes UUIDs and identifiers; an escaped newline in a JSON line
+# (`\n` as two characters) still counts as a boundary.
+_RUN = re.compile(r"(?:(?<!\w)|(?<=\\[nrt]))(?:\+|%2B)?\d[\d\s\-().]*\d(?!\w)")
+_SPACES = re.compile(r"(\s+)")
 
 
-def _mask_match(match: re.Match) -> str:
-    text = match.group(0).replace("%2B", "+")
-    digits = re.sub(r"\D", "", text)
-    if not 10 <= len(digits) <= 15:
-        return text
-    try:
-        return mask(normalise(text))
-    except InvalidPhone:
-        # An impossible number is still something a person typed: mask shapes that look Russian.
-        if (len(digits) == 11 and digits[0] in "78") or (len(digits) == 10 and digits[0] == "9"):
-            return "***-**-" + digits[-2:]
-        return text
+def _phone_in(text: str, digits: str) -> str | None:
+    """The masked form if these whitespace-joined groups spell a phone number, else None."""
+    international = text.startswith("+")
+    if international and 10 <= len(digits) <= 15:
+        try:
+            return mask(normalise("+" + digits))
+        except InvalidPhone:
+            pass
+    # Russian shapes, valid or not: a person typed them (8/7 + 10 digits, or 10 digits from 9).
+    if (len(digits) == 11 and digits[0] in "78") or (len(digits) == 10 and digits[0] == "9"):
+        return mask("+7" + digits[-10:])
+    return None
+
+
+def _mask_run(match: re.Match) -> str:
+    # A run may join several numbers ("order 48211 8 999 111 22 33", "18 89991112233"): try every
+    # window of consecutive space-separated groups, longest first, and mask the ones that are phones.
+    parts = _SPACES.split(match.group(0).replace("%2B", "+", 1))
+    groups, gaps = parts[0::2], [*parts[1::2], ""]
+    out, i = [], 0
+    while i < len(groups):
+        masked, end, digits = None, i, ""
+        for j in range(i, len(groups)):
+            digits += re.sub(r"\D", "", groups[j])
+            if len(digits) > 15:
+                break
+            found = _phone_in(" ".join(groups[i:j + 1]), digits)
+            if found:
+                masked, end = found, j
+        if masked:
+            out.append(masked + gaps[end])
+            i = end + 1
+        else:
+            out.append(groups[i] + gaps[i])
+            i += 1
+    return "".join(out)
 
 
 def redact(text: str) -> str:
     """Mask every phone number found in free text (the last line of defence for logs)."""
     if not any(ch.isdigit() for ch in text):
         return text
-    return _CANDIDATE.sub(_mask_match, text)
+    return _RUN.sub(_mask_run, text)

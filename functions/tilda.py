@@ -44,7 +44,11 @@ def parse_body(raw: bytes, content_type: str | None) -> dict:
             raise BadPost("body", "JSON body must be an object")
         return data
     if mime in ("application/x-www-form-urlencoded", ""):
-        return nest(parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS))
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+        except ValueError:
+            raise BadPost("body", f"more than {MAX_FIELDS} fields") from None
+        return nest(pairs)
     raise BadPost("Content-Type", f"unsupported content type {mime!r}")
 
 
@@ -72,7 +76,7 @@ def nest(pairs: list[tuple[str, str]]) -> dict:
                 node[leaf] = f"{node[leaf]}; {value}"
             elif leaf not in node:
                 node[leaf] = value
-    return _lists(root)
+    return {k: _lists(v) for k, v in root.items()}  # the root stays a dict whatever its keys
 
 
 def _lists(node):
@@ -80,7 +84,7 @@ def _lists(node):
     if not isinstance(node, dict):
         return node
     converted = {k: _lists(v) for k, v in node.items()}
-    if converted and all(k.isdigit() for k in converted):
+    if converted and all(k.isascii() and k.isdigit() for k in converted):
         return [converted[k] for k in sorted(converted, key=int)]
     return converted
 

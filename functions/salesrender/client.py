@@ -86,8 +86,9 @@ class SalesRenderClient:
             raise SalesRenderError(f"SalesRender {code}: {message[:500]}", code=code,
                                    transient=_transient(code, status), status=status)
         if status != 200 or not isinstance(payload, dict) or not isinstance(payload.get("data"), dict):
+            # A 200 without data (a proxy's page, a truncated body) says nothing definite: retry it.
             raise SalesRenderError(f"SalesRender answered HTTP {status} without data", code=f"HTTP_{status}",
-                                   transient=_transient("", status), status=status)
+                                   transient=status == 200 or _transient("", status), status=status)
         return payload["data"]
 
     def add_order(self, order_input: dict) -> str:

@@ -66,7 +66,8 @@ def add_order_input(lead: dict, offer: Offer) -> dict:
     }
     if items:
         order_input["cart"] = {"items": items}
+    # Tilda posts from its own servers: the customer's IP is not known, so source carries the referer only.
     referer = _referer(offer.landing_url, lead.get("utm") or {})
-    if referer or lead.get("client_ip"):
-        order_input["source"] = {k: v for k, v in (("refererUri", referer), ("ip", lead.get("client_ip"))) if v}
+    if referer:
+        order_input["source"] = {"refererUri": referer}
     return order_input

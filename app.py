@@ -22,6 +22,10 @@ def _reply(reply) -> Response:
     return Response(body=reply.body, status_code=reply.status)
 
 
+def _headers(request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
 @app.route("/v1/health", methods=["GET"])
 def health():
     return {"ok": True, "service": "callbridge", "stage": resources.stage()}
@@ -36,10 +40,25 @@ def tilda_webhook():
         intake.receive_tilda(
             request.raw_body,
             request.headers.get("content-type"),
-            {k.lower(): v for k, v in request.headers.items()},
+            _headers(request),
             dict(request.query_params or {}),
         )
     )
+
+
+@app.route("/v1/calls", methods=["POST"], content_types=["application/json"])
+def create_call():
+    from functions import calls_api
+
+    request = app.current_request
+    return _reply(calls_api.create(request.raw_body, _headers(request)))
+
+
+@app.route("/v1/calls/{call_id}", methods=["GET"])
+def read_call(call_id):
+    from functions import calls_api
+
+    return _reply(calls_api.read(call_id, _headers(app.current_request)))
 
 
 @app.on_sqs_message(queue=resources.queue_name("intake"), batch_size=1)
@@ -49,3 +68,11 @@ def intake_worker(event):
 
     for record in event:
         queues.run("intake", record, lambda body: worker.process(body, event.context))
+
+
+@app.on_sqs_message(queue=resources.queue_name("callbacks"), batch_size=1)
+def callback_worker(event):
+    from functions import dialer, queues
+
+    for record in event:
+        queues.run("callbacks", record, dialer.process)

@@ -19,11 +19,12 @@ def _iso(when: dt.datetime) -> str:
 
 
 def schedule(lead_id: str, attempt: int, due_at: dt.datetime, reason: str,
-             now: dt.datetime | None = None) -> dict:
-    """Send the callback message; returns the message body (tests and the dialer read it back)."""
+             now: dt.datetime | None = None, extra: dict | None = None) -> dict:
+    """Send the callback message; returns the message body (tests and the dialer read it back).
+    `extra` carries a manual call's `call_id` and `manual` flag."""
     now = now or dt.datetime.now(dt.UTC)
     delay = max(0, int((due_at - now).total_seconds() + 0.999))
-    message = {"lead_id": lead_id, "attempt": attempt, "due_at": _iso(due_at), "reason": reason}
+    message = {"lead_id": lead_id, "attempt": attempt, "due_at": _iso(due_at), "reason": reason, **(extra or {})}
     queues.send(QUEUE, message, delay_seconds=min(delay, queues.SQS_MAX_DELAY))
     return message
 

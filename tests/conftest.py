@@ -23,6 +23,9 @@ os.environ.update(
     TILDA_API_KEY="test-tilda-key",
     SALESRENDER_API_TOKEN="test-salesrender-token",
     SALESRENDER_API_URL="http://salesrender.invalid/companies/1/CRM",
+    BEELINE_API_URL="http://beeline.invalid/apis/portal/",
+    BEELINE_API_TOKEN="test-beeline-token",
+    CALLBRIDGE_API_TOKEN="test-api-token",
     POWERTOOLS_SERVICE_NAME="callbridge",
     POWERTOOLS_METRICS_NAMESPACE="callbridge",
 )
@@ -32,17 +35,23 @@ import pytest
 from chalice.test import Client
 from moto import mock_aws
 
+from infra.local import moto_atomic
+
+moto_atomic.patch()  # DynamoDB's conditional writes are atomic; moto's are not without this
+
 TILDA_KEY = os.environ["TILDA_API_KEY"]
 EVENTS = ROOT / "events"
 
 
 def _clear_caches() -> None:
     from functions import config, intake_worker, resources
+    from functions.beeline import client as beeline
     from functions.salesrender import client as salesrender
 
     resources.reset()
     config.load.cache_clear()
     salesrender.default_client.cache_clear()
+    beeline.default_client.cache_clear()
     intake_worker._create_order_once.cache_clear()
 
 
@@ -110,6 +119,23 @@ def log_output():
     previous = logger.registered_handler.setStream(buffer)
     yield buffer
     logger.registered_handler.setStream(previous)
+
+
+@pytest.fixture
+def beeline_sandbox(monkeypatch):
+    """The Beeline sandbox in-process, with time compressed 100x (a 75 s call lasts 0.75 s)."""
+    from functions.beeline import client as beeline
+    from infra.local.beeline_sandbox import BeelineSandbox
+
+    # Twelve operator abonents, extensions 200..211 (the default sandbox has 200..202).
+    abonents = [{"userId": f"SIP0343PU{ext}QK@ip.beeline.ru", "phone": f"9001000{ext}", "firstName": "Оператор",
+                 "lastName": ext, "email": None, "department": "Sales", "extension": ext}
+                for ext in map(str, range(200, 212))]
+    with BeelineSandbox(token=os.environ["BEELINE_API_TOKEN"], time_scale=0.01, abonents=abonents).start() as sandbox:
+        monkeypatch.setenv("BEELINE_API_URL", sandbox.api_url)
+        beeline.default_client.cache_clear()
+        yield sandbox
+    beeline.default_client.cache_clear()
 
 
 def receive(kind: str, dlq: bool = False, wait: int = 0, max_messages: int = 10) -> list[dict]:

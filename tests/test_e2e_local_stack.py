@@ -1,13 +1,12 @@
 """End to end through `make run` (R-26): the real processes on loopback, as a user starts them.
 
-A Tilda post to the app becomes an order in the SalesRender sandbox and a callback message on the
-callbacks queue of the moto server; the local bucket carries the template's lifecycle; SIGINT stops
-every process.
+A Tilda post to the app becomes an order in the SalesRender sandbox and, through the callbacks queue
+and the dialer, an originate request in the Beeline sandbox; the local bucket carries the template's
+lifecycle; SIGINT stops every process.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -22,13 +21,15 @@ import boto3
 import pytest
 import requests
 
+from functions import calls, leads
 from infra.local import stack as local_stack
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 # What conftest sets for in-process tests must not leak into the stack: it runs on its own defaults.
 CONFTEST_KEYS = ("SALESRENDER_API_URL", "CALLBRIDGE_STAGE", "CALLBRIDGE_CONFIG", "TILDA_API_KEY",
-                 "SALESRENDER_API_TOKEN", "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+                 "SALESRENDER_API_TOKEN", "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN",
+                 "BEELINE_API_URL", "BEELINE_API_TOKEN", "CALLBRIDGE_API_TOKEN")
 
 
 def free_port() -> int:
@@ -54,9 +55,10 @@ def wait_until(check, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def local_stack_running():
-    ports = {"MOTO_PORT": free_port(), "SALESRENDER_SANDBOX_PORT": free_port(), "CALLBRIDGE_PORT": free_port()}
+    ports = {"MOTO_PORT": free_port(), "SALESRENDER_SANDBOX_PORT": free_port(), "BEELINE_SANDBOX_PORT": free_port(),
+             "CALLBRIDGE_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if k not in CONFTEST_KEYS}
-    env.update({k: str(v) for k, v in ports.items()}, CALLBACK_DELAY_SECONDS="0")
+    env.update({k: str(v) for k, v in ports.items()}, CALLBACK_DELAY_SECONDS="0", BEELINE_SANDBOX_TIME_SCALE="0.05")
     proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -75,6 +77,7 @@ def local_stack_running():
         yield {"ports": ports, "lines": lines, "proc": proc,
                "app": f"http://127.0.0.1:{ports['CALLBRIDGE_PORT']}",
                "sandbox": f"http://127.0.0.1:{ports['SALESRENDER_SANDBOX_PORT']}",
+               "pbx": f"http://127.0.0.1:{ports['BEELINE_SANDBOX_PORT']}",
                "aws": f"http://127.0.0.1:{ports['MOTO_PORT']}"}
     finally:
         if proc.poll() is None:
@@ -95,12 +98,13 @@ def test_make_run_prints_one_line_per_service(local_stack_running):
     text = "\n".join(local_stack_running["lines"])
     assert f"moto server (AWS): {local_stack_running['aws']}" in text
     assert f"salesrender sandbox: {local_stack_running['sandbox']}/companies/1/CRM" in text
+    assert f"beeline sandbox: {local_stack_running['pbx']}/apis/portal/" in text
     assert f"callbridge app: {local_stack_running['app']}" in text
     assert "runner:" in text
     assert requests.get(local_stack_running["app"] + "/v1/health", timeout=5).json()["ok"] is True
 
 
-def test_tilda_post_becomes_an_order_and_a_callback(local_stack_running):
+def test_tilda_post_becomes_an_order_and_a_call(local_stack_running):
     tranid = f"e2e:{uuid.uuid4().hex[:12]}"
     form = {"Name": "Анна", "Phone": "+7 (999) 111-22-33", "Email": "anna@example.com", "tranid": tranid,
             "formid": "form493249737", "utm_source": "vk"}
@@ -116,15 +120,17 @@ def test_tilda_post_becomes_an_order_and_a_callback(local_stack_running):
     [created] = wait_until(order, 30, "the order in the SalesRender sandbox")
     assert created["orderData"]["phoneFields"] == [{"field": "phone", "value": "+79991112233"}]
 
-    sqs = aws_client(local_stack_running, "sqs")
-    url = sqs.get_queue_url(QueueName="callbridge-local-callbacks")["QueueUrl"]
+    # The callback (CALLBACK_DELAY_SECONDS=0) reaches the dialer, which rings operator 200 first.
+    def originate():
+        return [c for c in requests.get(local_stack_running["pbx"] + "/_sandbox/calls", timeout=5).json()
+                if c["phone"] == "9991112233"]
 
-    def callback():
-        messages = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1, MaxNumberOfMessages=10).get("Messages", [])
-        return [json.loads(m["Body"]) for m in messages]
-
-    [message] = wait_until(callback, 30, "the callback message")
-    assert message["attempt"] == 1 and message["reason"] == "new_lead"
+    [placed] = wait_until(originate, 30, "the originate request in the Beeline sandbox")
+    assert placed["pattern"] == "200"
+    call_id = calls.call_id_for(leads.lead_id_for("tilda", f"tranid:{tranid}"), 1)
+    call = requests.get(f"{local_stack_running['app']}/v1/calls/{call_id}", timeout=5,
+                        headers={"Authorization": "Bearer local-api-token"}).json()
+    assert call["operator"] == "200" and call["phone"] == "+7 999 ***-**-33"
 
 
 def test_local_bucket_lifecycle_equals_the_templates(local_stack_running):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from functions.observability import PhoneMaskingFormatter, logger
 
 MASKED = "+7 999 ***-**-33"

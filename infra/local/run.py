@@ -1,7 +1,8 @@
 """`make run`: the whole system on this machine, with no AWS or provider account (R-26).
 
 Starts, in order: a moto server (unless AWS_ENDPOINT_URL names one), the AWS resources from
-infra/template.yaml, the SalesRender sandbox (unless SALESRENDER_API_URL is set), the Chalice app
+infra/template.yaml, the SalesRender sandbox (unless SALESRENDER_API_URL is set), the Beeline sandbox
+(unless BEELINE_API_URL is set; BEELINE_SANDBOX_TIME_SCALE compresses its calls), the Chalice app
 (`chalice local`), and the runner that feeds SQS messages and schedules to the handlers. Prints one
 line per service, then `ready` once GET /v1/health answers 200. Stays in the foreground; SIGINT or
 SIGTERM stops every process it started. If any child dies, everything is stopped and the exit code
@@ -86,7 +87,7 @@ class Stack:
             port = int(self.env.get("MOTO_PORT", "5000"))
             if not port_free(port):
                 raise RuntimeError(f"port {port} is taken: set MOTO_PORT, or AWS_ENDPOINT_URL to use that server")
-            proc = self.spawn("moto", [py, "-m", "moto.server", "-H", HOST, "-p", str(port)], quiet=True)
+            proc = self.spawn("moto", [py, "-m", "infra.local.moto_atomic", "-H", HOST, "-p", str(port)], quiet=True)
             self.env["AWS_ENDPOINT_URL"] = f"http://{HOST}:{port}"
             wait_for(f"{self.env['AWS_ENDPOINT_URL']}/moto-api/", 30, proc)
             print(f"moto server (AWS): {self.env['AWS_ENDPOINT_URL']} (log: build/local/moto.log)", flush=True)
@@ -109,6 +110,16 @@ class Stack:
             self.env["SALESRENDER_API_URL"] = f"http://{HOST}:{port}/companies/{self.env['SALESRENDER_COMPANY_ID']}/CRM"
         else:
             print(f"salesrender: {self.env['SALESRENDER_API_URL']} (external, no sandbox)", flush=True)
+
+        if not os.environ.get("BEELINE_API_URL"):
+            port = int(self.env.get("BEELINE_SANDBOX_PORT", "8102"))
+            proc = self.spawn("beeline", [py, "-m", "infra.local.beeline_sandbox", "--host", HOST, "--port", str(port),
+                                          "--token", self.env["BEELINE_API_TOKEN"], "--quiet",
+                                          "--time-scale", self.env.get("BEELINE_SANDBOX_TIME_SCALE", "1")])
+            wait_for(f"http://{HOST}:{port}/_sandbox/health", 30, proc)
+            self.env["BEELINE_API_URL"] = f"http://{HOST}:{port}/apis/portal/"
+        else:
+            print(f"beeline: {self.env['BEELINE_API_URL']} (external, no sandbox)", flush=True)
 
         app_port = int(self.env.get("CALLBRIDGE_PORT", "8000"))
         self.env.setdefault("PUBLIC_BASE_URL", f"http://{HOST}:{app_port}")

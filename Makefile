@@ -37,9 +37,11 @@ unit: install
 e2e: install
 	$(PY) -m pytest -m e2e
 
-## Latency benchmarks (in-process, moto): the Tilda webhook next to a bare Chalice route.
+## Benchmarks: the Tilda webhook in-process next to a bare Chalice route; Tilda post -> originate on the
+## local stack (50 leads).
 bench: install
 	$(PY) -m bench.tilda_latency
+	$(PY) -m bench.callback_latency --leads 50
 
 ## The Lambda package of a stage, into build/<stage>/ (functions/ ships through vendor/functions).
 package: install

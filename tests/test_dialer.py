@@ -262,3 +262,18 @@ def test_callback_messages_in_lambda_shape_are_validated(aws):
         resources.client("sqs").send_message(QueueUrl=resources.queue_url("callbacks"), MessageBody=json.dumps(body))
     assert deliver("callbacks", "callback_worker") == [True, True, True]
     assert len(receive("callbacks", dlq=True)) == 3
+
+
+def test_a_lease_whose_release_was_lost_expires_by_itself(aws, monkeypatch):
+    from functions import channels
+
+    monkeypatch.setenv("CHANNEL_LEASE_SECONDS", "60")
+    t0 = 1_800_000_000
+    assert sorted(channels.acquire("Beeline_Main", 2, f"call-{i}", now=t0) for i in range(2)) == [0, 1]
+    assert channels.acquire("Beeline_Main", 2, "call-late", now=t0 + 59) is None
+    assert channels.busy("Beeline_Main", 2, now=t0 + 59) == 2
+    # Nobody released them; a minute later they are free again.
+    slot = channels.acquire("Beeline_Main", 2, "call-late", now=t0 + 61)
+    assert slot is not None
+    assert channels.release("Beeline_Main", slot, "call-0") is False  # only the holder releases
+    assert channels.release("Beeline_Main", slot, "call-late") is True

@@ -92,6 +92,45 @@ class BeelineClient:
     def recording(self, pattern: str) -> str:
         return str(self._json(f"abonents/{pattern}/recording") or "").upper()
 
+    # Event subscriptions (R-16). PUT creates one; there is no refresh: renew by creating anew.
+    def subscribe(self, url: str, expires: int, subscription_type: str = "BASIC_CALL",
+                  pattern: str | None = None) -> dict:
+        body = {"expires": int(expires), "subscriptionType": subscription_type, "url": url}
+        if pattern:
+            body["pattern"] = pattern
+        response = self._request(self._reads, "PUT", "subscription", json=body)  # a retried PUT is harmless
+        return response.json()
+
+    def subscription(self, subscription_id: str) -> dict:
+        return self._json("subscription", subscriptionId=subscription_id) or {}
+
+    def unsubscribe(self, subscription_id: str) -> None:
+        self._request(self._reads, "DELETE", "subscription", params={"subscriptionId": subscription_id})
+
+    # Records (R-19) and statistics (the reconciler).
+    def download_record(self, ext_tracking_id: str, user_id: str) -> bytes:
+        """The MP3 of a call; BeelineError (e.g. 404 RecordNotFound) while it is not ready."""
+        response = self._request(self._reads, "GET", f"v2/records/{ext_tracking_id}/{user_id}/download")
+        if "json" in response.headers.get("Content-Type", ""):
+            body = response.json()
+            raise BeelineError(f"Beeline {body.get('errorCode')}: {body.get('description', '')}",
+                               code=str(body.get("errorCode") or "NOT_AUDIO"), status=response.status_code)
+        return response.content
+
+    def download_record_by_id(self, record_id: str) -> bytes:
+        return self._request(self._reads, "GET", f"v2/records/{record_id}/download").content
+
+    def records(self, date_from: str, date_to: str, user_id: str | None = None, after_id: str | None = None) -> list:
+        params = {"dateFrom": date_from, "dateTo": date_to}
+        if user_id:
+            params["userId"] = user_id
+        if after_id:
+            params["id"] = after_id
+        return self._json("records", **params) or []
+
+    def statistics(self, date_from: str, date_to: str, page: int = 0, page_size: int = 100) -> list:
+        return self._json("v2/statistics", dateFrom=date_from, dateTo=date_to, page=page, pageSize=page_size) or []
+
 
 def _never_sent(exc: requests.ConnectionError) -> bool:
     """True when the connection failed before the request went out (refused, DNS, connect timeout)."""

@@ -5,7 +5,7 @@ start only for the code it runs. Queue names come from functions.resources, so t
 CloudFormation template and the local stack agree.
 """
 
-from chalice import Chalice, ConvertToMiddleware, Response
+from chalice import Chalice, ConvertToMiddleware, Rate, Response
 
 from functions import resources
 from functions.observability import logger
@@ -17,9 +17,10 @@ FORM_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/pla
 
 
 def _reply(reply) -> Response:
+    headers = dict(getattr(reply, "headers", None) or {})
     if isinstance(reply.body, str):
-        return Response(body=reply.body, status_code=reply.status, headers={"Content-Type": "text/plain"})
-    return Response(body=reply.body, status_code=reply.status)
+        return Response(body=reply.body, status_code=reply.status, headers={"Content-Type": "text/plain", **headers})
+    return Response(body=reply.body, status_code=reply.status, headers=headers)
 
 
 def _headers(request) -> dict[str, str]:
@@ -61,6 +62,24 @@ def read_call(call_id):
     return _reply(calls_api.read(call_id, _headers(app.current_request)))
 
 
+@app.route("/webhooks/beeline/{secret}", methods=["POST"],
+           content_types=["application/xml", "text/xml", "application/octet-stream"])
+def beeline_webhook(secret):
+    from functions.beeline import webhook
+
+    request = app.current_request
+    source_ip = ((request.context or {}).get("identity") or {}).get("sourceIp")
+    return _reply(webhook.receive(secret, request.raw_body, source_ip))
+
+
+@app.route("/v1/recordings/{call_id}", methods=["GET"])
+def recording_link(call_id):
+    from functions import recordings
+
+    request = app.current_request
+    return _reply(recordings.redirect(call_id, dict(request.query_params or {}), _headers(request)))
+
+
 @app.on_sqs_message(queue=resources.queue_name("intake"), batch_size=1)
 def intake_worker(event):
     from functions import intake_worker as worker
@@ -76,3 +95,25 @@ def callback_worker(event):
 
     for record in event:
         queues.run("callbacks", record, dialer.process)
+
+
+@app.on_sqs_message(queue=resources.queue_name("recordings"), batch_size=1)
+def recording_worker(event):
+    from functions import post_call, queues
+
+    for record in event:
+        queues.run("recordings", record, post_call.process)
+
+
+@app.schedule(Rate(5, unit=Rate.MINUTES))
+def subscription_keeper(event):
+    from functions import subscriptions
+
+    subscriptions.keep()
+
+
+@app.schedule(Rate(5, unit=Rate.MINUTES))
+def call_reconciler(event):
+    from functions import reconciler
+
+    reconciler.reconcile()

@@ -61,3 +61,34 @@ def finish(call_id: str, outcome: str, **changes) -> bool:
                                         changes.get("ended_at") or store.now_iso()},
                         condition="attribute_exists(pk) AND #state <> :ended", names={"#state": "state"},
                         values={":ended": "ended"})
+
+
+def flag_once(call_id: str, flag: str) -> bool:
+    """Set a marker attribute if absent: True for exactly one caller (a side effect runs once)."""
+    return store.update(_key(call_id), {flag: store.now_iso()},
+                        condition="attribute_exists(pk) AND attribute_not_exists(#flag)", names={"#flag": flag})
+
+
+# Calls not yet ended, for the reconciler (pk=OPENCALLS sk=<call_id>).
+def mark_open(call_id: str) -> None:
+    store.update({"pk": "OPENCALLS", "sk": call_id}, {"opened_at": store.now_iso()})
+
+
+def mark_closed(call_id: str) -> None:
+    from functions import resources
+
+    resources.table().delete_item(Key={"pk": "OPENCALLS", "sk": call_id})
+
+
+def open_calls() -> list[str]:
+    from boto3.dynamodb.conditions import Key
+
+    from functions import resources
+
+    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq("OPENCALLS")}
+    while True:
+        page = resources.table().query(**kwargs)
+        items += [i["sk"] for i in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

@@ -18,6 +18,7 @@ is left "dialing" for the call events or the reconciler to settle: it is never d
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from functions import budget, callbacks, calls, channels, config, dnc, leads, operators, store
 from functions.beeline import client as beeline
@@ -28,6 +29,7 @@ from functions.salesrender import client as salesrender
 from functions.working_hours import next_opening
 
 NO_CHANNEL_RETRY_SECONDS = 30
+_EXT_TRACKING_ID = re.compile(r"\d+:\d+")
 FINAL_LEAD_STATES = ("done", "closed", "exhausted", "do_not_call", "budget_stopped")
 RETRYABLE = ("operator_missed", "busy", "no_answer", "failed")
 
@@ -130,6 +132,7 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
         operators.release(operator, call_id)
         channels.release(provider, slot, call_id)
         return "duplicate"
+    calls.mark_open(call_id)
     leads.update(lead_id, state="dialing", attempts=attempt, last_call_id=call_id)
     log["operator"] = operator
     try:
@@ -151,6 +154,10 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
         on_outcome(call_id, now=now)
         return "originate_failed"
     calls.update(call_id, originated_at=store.now_iso(), originate_response=(response_text or "")[:200])
+    if response_text and _EXT_TRACKING_ID.fullmatch(response_text):
+        from functions import call_tracker
+
+        call_tracker.bind(response_text, call_id)  # Beeline said which call this is: no guessing needed
     logger.info("call originated", extra=log)
     metric("CallsOriginated", offer=str(offer.id))
     return "originated"

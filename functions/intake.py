@@ -93,6 +93,7 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         "state": "received",
         "offer_id": offer.id,
         "phone": phone,
+        "phone_key": phone,  # the by_phone index: an inbound call finds this lead
         "name": post.name,
         "email": post.email if email_ok else "",
         "email_rejected": "" if email_ok or not post.email else post.email,

@@ -49,6 +49,15 @@ def update(lead_id: str, *, only_if_missing: str | None = None, **changes) -> bo
     return store.update(_key(lead_id), changes, condition=condition, names=names)
 
 
+def latest_by_phone(phone: str) -> dict | None:
+    """The newest lead of this phone number (through the sparse by_phone index), or None."""
+    from boto3.dynamodb.conditions import Key
+
+    found = resources.table().query(IndexName="by_phone", KeyConditionExpression=Key("phone_key").eq(phone),
+                                    ScanIndexForward=False, Limit=1)["Items"]
+    return get(found[0]["pk"].removeprefix("LEAD#")) if found else None
+
+
 def store_rejected(source: str, reason: str, field_name: str, raw: dict) -> str:
     """Keep a rejected post (R-5: nothing lost) where an operator can find it by day."""
     rejected_id = str(uuid.uuid4())

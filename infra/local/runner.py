@@ -116,8 +116,10 @@ class Runner:
             kind = type(source).__name__
             if kind == "SQSEventConfig" and source.queue:
                 queues.append((source.queue, source.handler_string))
-            elif kind == "CloudWatchEventConfig" and getattr(source, "schedule_expression", None):
-                schedules.append((source.name, str(source.schedule_expression), source.handler_string))
+            elif getattr(source, "schedule_expression", None) is not None:  # ScheduledEventConfig
+                expression = source.schedule_expression
+                text = expression.to_string() if hasattr(expression, "to_string") else str(expression)
+                schedules.append((source.name, text, source.handler_string))
         return queues, schedules
 
     def poll(self, queue_name: str, handler_string: str) -> None:
@@ -146,7 +148,10 @@ class Runner:
             return
         handler = self._handler(handler_string)
         interval = max(1.0, period * self.schedule_scale)
-        while not self.stop_event.wait(interval):
+        # Unlike EventBridge, run once at start: the local stack needs its subscription before the first call.
+        first = True
+        while first or not self.stop_event.wait(interval):
+            first = False
             try:
                 handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
             except Exception:

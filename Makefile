@@ -22,7 +22,7 @@ run: install
 
 ## Every test: lint, unit and integration tests, the end-to-end test of `make run`, cfn-lint.
 test: install lint cfn-lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -32,7 +32,7 @@ cfn-lint: install
 
 ## Fast loop while developing: everything but the end-to-end test.
 unit: install
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not e2e"
 
 e2e: install
 	$(PY) -m pytest -m e2e

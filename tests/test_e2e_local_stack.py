@@ -133,6 +133,42 @@ def test_tilda_post_becomes_an_order_and_a_call(local_stack_running):
     assert call["operator"] == "200" and call["phone"] == "+7 999 ***-**-33"
 
 
+def test_the_call_is_tracked_recorded_and_written_back_to_the_order(local_stack_running):
+    """Beeline events -> call tracker -> recording in the local S3 -> call log on the SalesRender order."""
+    tranid = f"e2e:{uuid.uuid4().hex[:12]}"
+    form = {"Name": "Борис", "Phone": "+7 999 222 33 55", "tranid": tranid, "formid": "form493249737"}
+    requests.post(local_stack_running["app"] + "/webhooks/tilda", data=urlencode(form), timeout=10,
+                  headers={"Content-Type": "application/x-www-form-urlencoded", "X-Api-Key": "local-tilda-key"})
+    call_id = calls.call_id_for(leads.lead_id_for("tilda", f"tranid:{tranid}"), 1)
+    auth = {"Authorization": "Bearer local-api-token"}
+
+    def ended():
+        call = requests.get(f"{local_stack_running['app']}/v1/calls/{call_id}", headers=auth, timeout=5)
+        return call.json() if call.status_code == 200 and call.json()["state"] == "ended" else None
+
+    call = wait_until(ended, 60, "the call to end through Beeline's events")
+    assert call["outcome"] == "answered" and call["talk_seconds"] == 75 and call["cost_rub"] == 4.0
+
+    def written_back():
+        orders = requests.get(local_stack_running["sandbox"] + "/_sandbox/orders", timeout=5).json()
+        [order] = [o for o in orders if o["orderData"]["phoneFields"][0]["value"] == "+79992223355"]
+        log = [f["value"] for f in order["data"].get("stringFields", []) if f["field"] == "call_log"]
+        return log[0] if log and "ответил" in log[0] else None
+
+    log = wait_until(written_back, 90, "the call log on the SalesRender order")
+    assert "/v1/recordings/" in log
+    s3 = aws_client(local_stack_running, "s3")
+    bucket = next(b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith("callbridge-local-"))
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert any(call_id in key for key in keys)
+    redirect = requests.get(f"{local_stack_running['app']}/v1/recordings/{call_id}", headers=auth, timeout=5,
+                            allow_redirects=False)
+    assert redirect.status_code == 302
+    audio = requests.get(redirect.headers["Location"], timeout=5)
+    assert audio.status_code == 200
+    assert audio.content[:3] == b"ID3" or audio.content[:2] == b"\xff\xfb"  # an MP3, not an error page
+
+
 def test_local_bucket_lifecycle_equals_the_templates(local_stack_running):
     s3 = aws_client(local_stack_running, "s3")
     bucket = next(b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith("callbridge-local-"))

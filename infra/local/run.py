@@ -38,6 +38,7 @@ LOCAL_DEFAULTS = {
     "BEELINE_WEBHOOK_SECRET": "local-beeline-secret",
     "SALESRENDER_WEBHOOK_SECRET": "local-salesrender-secret",
     "CALLBRIDGE_API_TOKEN": "local-api-token",
+    "RECORDING_LINK_SECRET": "local-recording-link-secret",
     "POWERTOOLS_METRICS_NAMESPACE": "callbridge",
 }
 

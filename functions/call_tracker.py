@@ -46,9 +46,10 @@ class Derived:
 
     @property
     def talk_seconds(self) -> int:
+        # Rounded up: 60.4 s is two started minutes when billed, so it must not show as 60.
         if self.answered_ms is None or self.ended_ms is None:
             return 0
-        return max(0, round((self.ended_ms - self.answered_ms) / 1000))
+        return max(0, math.ceil((self.ended_ms - self.answered_ms) / 1000))
 
 
 def _release_outcome(leg: CallData) -> str | None:
@@ -263,8 +264,10 @@ def refresh(call_id: str, ext: str) -> str:
                  values={":ended": "ended"})
     if derived.state == "talking":
         call = calls.get(call_id) or {}
-        if call.get("channel_slot") is not None:  # a long conversation keeps its channel
+        if call.get("channel_slot") is not None:  # a long conversation keeps its channel and its operator
             channels.extend(call["provider"], int(call["channel_slot"]), call_id, channels.lease_seconds())
+        if call.get("operator") and call.get("direction") != "inbound":
+            operators.reserve(call["operator"], call_id)  # the holder re-reserving extends busy_until
     return derived.state
 
 

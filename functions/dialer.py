@@ -147,6 +147,7 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
         channels.release(provider, slot, call_id)
         if exc.transient:  # never reached the PBX: safe to dial this attempt later
             calls.unclaim(call_id)
+            calls.mark_closed(call_id)
             raise Transient(str(exc)) from None
         calls.finish(call_id, "failed", originate_error=str(exc))
         logger.error("originate rejected", extra={**log, "error": str(exc)})

@@ -98,7 +98,8 @@ class BeelineClient:
         body = {"expires": int(expires), "subscriptionType": subscription_type, "url": url}
         if pattern:
             body["pattern"] = pattern
-        response = self._request(self._reads, "PUT", "subscription", json=body)  # a retried PUT is harmless
+        # Not retried on 5xx: a PUT that created a subscription and then failed would leave a second one.
+        response = self._request(self._writes, "PUT", "subscription", json=body)
         return response.json()
 
     def subscription(self, subscription_id: str) -> dict:

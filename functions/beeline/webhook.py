@@ -10,8 +10,9 @@ again by the next event of the call or by the reconciler.
 from __future__ import annotations
 
 import ipaddress
+import time
 
-from functions import config, secrets, store
+from functions import config, resources, secrets, store
 from functions.beeline.events import BadEvent, parse
 from functions.intake import Reply
 from functions.observability import logger, metric
@@ -39,10 +40,15 @@ def receive(secret: str, body: bytes, source_ip: str | None) -> Reply:
     from functions import call_tracker  # deferred: only real events pay for the tracker's imports
 
     if event.event_type == "SubscriptionTerminatedEvent":
-        if store.put_new({"pk": f"XSIEVENT#{event.event_id}", "sk": "EVENT"}, {"type": event.event_type}):
+        marker = {"pk": f"XSIEVENT#{event.event_id}", "sk": "EVENT"}
+        if store.put_new(marker, {"type": event.event_type, "ttl": int(time.time()) + 7 * 86400}):
             from functions import subscriptions
 
-            subscriptions.on_terminated(event.subscription_id)
+            try:
+                subscriptions.on_terminated(event.subscription_id)
+            except Exception:
+                resources.table().delete_item(Key=marker)  # let the sender's retry count again
+                raise
         return Reply(200, "ok")
     if event.call is None or not event.call.ext_tracking_id:
         metric("EventsIgnored", type=event.event_type or "unknown")

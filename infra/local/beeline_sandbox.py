@@ -15,6 +15,14 @@ subscription receives its events in the order they were generated). Waits are mu
 time (the wall clock at accept plus the simulated durations), so durations computed from events are the
 simulated ones. Subscription lifetimes count down in simulated time as well.
 
+Inbound calls are simulated on request (`inbound()`, `POST /_sandbox/inbound`): a caller dials one of the
+company numbers (`GET numbers`) and it rings an abonent. All events share one new extTrackingId and carry
+personality Terminator, the caller as remoteParty and the dialled company number as the last
+`redirections/redirection/party/address`: `CallReceivedEvent` (Alerting), then `CallAnsweredEvent` (Active) and
+`CallReleasedEvent` (Released, with answerTime) when answered, or only `CallReleasedEvent` without answerTime
+(`Request Timeout` after the no-answer ring time) when missed. They count as calls in flight, obey hold and
+wait_idle, give statistics rows (INBOUND, RECIEVED/MISSED) and, when answered with recording on, an INBOUND record.
+
 Outcomes per customer number: an explicit mapping (`set_outcome`, `POST /_sandbox/outcomes`) or, by
 default, the last two digits: 01 busy, 02 no_answer, 03 operator_missed, 04 failed, anything else answered.
 
@@ -77,6 +85,8 @@ DEFAULT_NUMBERS: list[dict[str, Any]] = [
 ABONENT_KEYS = ("userId", "phone", "firstName", "lastName", "email", "department", "extension")
 
 OUTCOMES = ("answered", "busy", "no_answer", "operator_missed", "operator_rejected", "failed")
+INBOUND_OUTCOMES = ("answered", "missed")
+INBOUND_KEYS = {"from", "to", "extension", "outcome", "talk_seconds"}
 OUTCOME_BY_LAST_TWO_DIGITS = {"01": "busy", "02": "no_answer", "03": "operator_missed", "04": "failed"}
 AGENT_STATUSES = ("ONLINE", "OFFLINE", "BREAK")
 SUBSCRIPTION_TYPES = ("BASIC_CALL", "ADVANCED_CALL")
@@ -282,6 +292,7 @@ def _call_xml(call: Mapping[str, Any], *, personality: str, state: str, remote: 
               start_ms: int, answer_ms: int | None = None, release_ms: int | None = None,
               releasing_party: str | None = None, internal_cause: str | None = None, cdr_cause: str | None = None,
               recording_state: str | None = None) -> str:
+    redirections: list[str] = call.get("redirections") or []
     out = [
         "<xsi:call>",
         f"<xsi:callId>{escape(call['call_id'])}</xsi:callId>",
@@ -308,6 +319,12 @@ def _call_xml(call: Mapping[str, Any], *, personality: str, state: str, remote: 
         out.append(f"<xsi:answerTime>{answer_ms}</xsi:answerTime>")
     if release_ms is not None:
         out.append(f"<xsi:releaseTime>{release_ms}</xsi:releaseTime>")
+    if redirections:  # inbound calls: the last redirection's party is the company number dialled
+        out.append("<xsi:redirections>")
+        for address in redirections:
+            out.append(f"<xsi:redirection><xsi:party><xsi:address>{escape(address)}</xsi:address></xsi:party>"
+                       "</xsi:redirection>")
+        out.append("</xsi:redirections>")
     if recording_state:
         out.append(f"<xsi:recordingState>{recording_state}</xsi:recordingState>")
     out.append("</xsi:call>")

@@ -18,7 +18,6 @@ through the service APIs, so there is still no second hand-kept list:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -387,8 +386,8 @@ def _apply_dropped_properties(session, endpoint_url: str | None, resolver: Resol
         if "LifecycleConfiguration" in props:
             rules = [lifecycle_rule_to_api(r) for r in props["LifecycleConfiguration"]["Rules"]]
             s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
-    for _, props in resolver.resources("AWS::S3::BucketPolicy"):
-        s3.put_bucket_policy(Bucket=props["Bucket"], Policy=json.dumps(props["PolicyDocument"]))
+    # The template's bucket policy (deny non-TLS access) is NOT applied locally: moto evaluates a Deny
+    # statement without its aws:SecureTransport condition, so it would refuse every object request.
 
     dynamodb = session.client("dynamodb", endpoint_url=endpoint_url)
     for _, props in resolver.resources("AWS::DynamoDB::Table"):

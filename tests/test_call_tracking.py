@@ -237,12 +237,12 @@ def _event(event_type, personality, state, *, ext="77000001:1", answer=False, re
            prefix="xsi") -> bytes:
     call = ""
     if personality:
-        parts = [f"<{prefix}:callId>callhalf-1:0</{prefix}:callId>",
-                 f"<{prefix}:extTrackingId>{ext}</{prefix}:extTrackingId>",
-                 f"<{prefix}:personality>{personality}</{prefix}:personality>", f"<{prefix}:state>{state}</{prefix}:state>"]
+        p = prefix
+        parts = [f"<{p}:callId>callhalf-1:0</{p}:callId>", f"<{p}:extTrackingId>{ext}</{p}:extTrackingId>",
+                 f"<{p}:personality>{personality}</{p}:personality>", f"<{p}:state>{state}</{p}:state>"]
         if cause:
-            parts.append(f"<{prefix}:releaseCause><{prefix}:internalReleaseCause>{cause}</{prefix}:internalReleaseCause>"
-                         f"</{prefix}:releaseCause>")
+            parts.append(f"<{p}:releaseCause><{p}:internalReleaseCause>{cause}</{p}:internalReleaseCause>"
+                         f"</{p}:releaseCause>")
         parts.append(f"<{prefix}:remoteParty><{prefix}:address>{remote}</{prefix}:address></{prefix}:remoteParty>")
         if redirect:
             parts.append(f"<{prefix}:redirections><{prefix}:redirection><{prefix}:party><{prefix}:address>{redirect}"
@@ -255,7 +255,8 @@ def _event(event_type, personality, state, *, ext="77000001:1", answer=False, re
         call = f"<{prefix}:call>{''.join(parts)}</{prefix}:call>"
     return (f'<?xml version="1.0" encoding="UTF-8"?><{prefix}:Event xmlns:{prefix}="http://schema.broadsoft.com/xsi" '
             f'xmlns:t="http://www.w3.org/2001/XMLSchema-instance" t:type="{prefix}:SubscriptionEvent">'
-            f"<{prefix}:eventID>{event_id or uuid.uuid4()}</{prefix}:eventID><{prefix}:sequenceNumber>1</{prefix}:sequenceNumber>"
+            f"<{prefix}:eventID>{event_id or uuid.uuid4()}</{prefix}:eventID>"
+            f"<{prefix}:sequenceNumber>1</{prefix}:sequenceNumber>"
             f"<{prefix}:subscriptionId>sub-1</{prefix}:subscriptionId><{prefix}:targetId>{target}</{prefix}:targetId>"
             f'<{prefix}:eventData t:type="{prefix}:{event_type}">{call}</{prefix}:eventData></{prefix}:Event>').encode()
 
@@ -304,7 +305,7 @@ def test_events_for_no_known_call_are_kept_not_failed(client, pbx):
 
 
 def test_a_failure_after_storing_is_acknowledged_and_healed_by_the_next_event(stack, monkeypatch):
-    lead_id, call_id, events = place_call(stack)
+    _, call_id, events = place_call(stack)
     real = call_tracker.refresh
     monkeypatch.setattr(call_tracker, "refresh", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     assert post_event(stack["client"], events[-1]).status_code == 200  # the release, first and failing

@@ -421,6 +421,159 @@ def test_originate_body_text_and_recording_delay(receiver):
         assert api(pbx, "GET", download).content[:2] == b"\xff\xfb"
 
 
+# ---- inbound calls ----------------------------------------------------------------------------------------
+
+CALLER = "9997770011"
+COMPANY = "4951234567"
+
+
+def inbound(pbx, **body):
+    return control(pbx, "POST", "inbound", json={"from": CALLER, "to": COMPANY, **body})
+
+
+def test_inbound_answered_call(pbx, receiver):
+    sub = subscribe(pbx, receiver.url())
+    response = inbound(pbx, extension="200", outcome="answered", talk_seconds=40)
+    assert response.status_code == 200, response.text
+    view = response.json()
+    tracking = view["ext_tracking_id"]
+    assert tracking.endswith(":1")
+    assert (view["direction"], view["phone"], view["number"], view["abonent_user_id"], view["outcome"]) \
+        == ("INBOUND", CALLER, COMPANY, OPERATOR, "answered")
+    assert pbx.wait_idle(5)
+
+    events = call_events(receiver)
+    assert steps(events) == [
+        ("CallReceivedEvent", "Terminator", "Alerting"),
+        ("CallAnsweredEvent", "Terminator", "Active"),
+        ("CallReleasedEvent", "Terminator", "Released"),
+    ]
+    assert {e["call"]["extTrackingId"] for e in events} == {tracking}
+    assert [int(e["sequenceNumber"]) for e in events] == [1, 2, 3]
+    assert {e["subscriptionId"] for e in events} == {sub["subscriptionId"]}
+    assert {e["targetId"] for e in events} == {OPERATOR}
+    assert {e["call"]["endpoint/addressOfRecord"] for e in events} == {OPERATOR}
+    assert {e["call"]["remoteParty/address"] for e in events} == {f"tel:+7{CALLER}"}
+    assert {e["call"]["remoteParty/callType"] for e in events} == {"Network"}
+    # Every event names the dialled company number as the (last) redirection.
+    assert {e["call"]["redirections/redirection/party/address"] for e in events} == {f"tel:+7{COMPANY}"}
+
+    received, answered, released = (e["call"] for e in events)
+    assert "answerTime" not in received and "releaseTime" not in received
+    start, answer = int(answered["startTime"]), int(answered["answerTime"])
+    assert answer - start == 5_000  # rang ring_seconds (simulated)
+    assert "releaseTime" not in answered and answered["recordingState"] == "Started"
+    assert int(released["answerTime"]) == answer and int(released["startTime"]) == start
+    assert int(released["releaseTime"]) - answer == 40_000
+    assert released["releasingParty"] == "remoteRelease"
+
+    (call,) = pbx.calls()
+    assert call["state"] == "released" and call["release_time"] == int(released["releaseTime"])
+    assert pbx.stats() == {"originates": 0, "max_in_flight": 1, "in_flight": 0}  # not an originate
+
+    (row,) = api(pbx, "GET", "v2/statistics", params=DAY).json()
+    assert (row["direction"], row["status"], row["duration"], row["phone_from"]) \
+        == ("INBOUND", "RECIEVED", 40_000, CALLER)
+    assert row["startDate"] == start and row["abonent"]["extension"] == "200"
+
+    (record,) = api(pbx, "GET", "records", params=DAY).json()
+    assert (record["externalId"], record["direction"], record["phone"], record["duration"]) \
+        == (tracking, "INBOUND", CALLER, 40_000)
+    assert record["abonent"]["userId"] == OPERATOR
+    assert api(pbx, "GET", f"v2/records/{tracking}/{OPERATOR}/download").content[:2] == b"\xff\xfb"
+
+
+def test_inbound_missed_call(pbx, receiver):
+    subscribe(pbx, receiver.url())
+    subscribe(pbx, receiver.url("OTHER"), pattern="200")
+    view = pbx.inbound(CALLER, "4951234568", extension="201", outcome="missed")
+    assert view["outcome"] == "missed" and view["abonent_user_id"] != OPERATOR
+    assert pbx.wait_idle(5)
+    assert receiver.events("OTHER") == []  # another abonent's subscription hears nothing
+
+    events = call_events(receiver)
+    assert steps(events) == [("CallReceivedEvent", "Terminator", "Alerting"),
+                             ("CallReleasedEvent", "Terminator", "Released")]
+    assert {e["call"]["extTrackingId"] for e in events} == {view["ext_tracking_id"]}
+    assert {e["targetId"] for e in events} == {view["abonent_user_id"]}
+    assert {e["call"]["redirections/redirection/party/address"] for e in events} == {"tel:+74951234568"}
+    released = events[1]["call"]
+    assert "answerTime" not in released
+    assert released["releaseCause/internalReleaseCause"] == "Request Timeout"
+    assert int(released["releaseTime"]) - int(released["startTime"]) == 30_000  # the no-answer ring time
+    assert all(e["type"] != "CallAnsweredEvent" for e in events)
+
+    (row,) = api(pbx, "GET", "v2/statistics", params=DAY).json()
+    assert (row["direction"], row["status"], row["duration"], row["phone_from"]) == ("INBOUND", "MISSED", 0, CALLER)
+    assert pbx.records() == []
+
+
+def test_inbound_without_recording_and_with_advanced_subscription(pbx, receiver):
+    subscribe(pbx, receiver.url("ADV"), kind="ADVANCED_CALL")
+    assert [e["type"] for e in receiver.events("ADV")] == []
+    pbx.inbound(CALLER, COMPANY, talk_seconds=5)
+    assert pbx.wait_idle(5)
+    assert [e["type"] for e in receiver.events("ADV")] == ["CallReceivedEvent", "CallAnsweredEvent",
+                                                            "CallRecordingStartedEvent", "CallReleasedEvent"]
+    receiver.clear()
+    pbx.set_recording("200", False)
+    pbx.inbound(CALLER, COMPANY, talk_seconds=5)
+    assert pbx.wait_idle(5)
+    assert [e["type"] for e in receiver.events("ADV")] == ["CallReceivedEvent", "CallAnsweredEvent",
+                                                            "CallReleasedEvent"]
+    assert len(pbx.records()) == 1  # only the first call was recorded
+
+
+def test_inbound_hold_keeps_the_call_ringing(pbx, receiver):
+    subscribe(pbx, receiver.url())
+    pbx.hold(True)
+    pbx.inbound(CALLER, COMPANY)
+    assert originate(pbx).status_code == 200
+    time.sleep(0.2)
+    assert [c["state"] for c in pbx.calls()] == ["alerting", "operator_alerting"]
+    assert pbx.stats() == {"originates": 1, "max_in_flight": 2, "in_flight": 2}
+    assert pbx.calls()[1]["in_flight_at_accept"] == 1
+    assert not pbx.wait_idle(0.1)
+    pbx.hold(False)
+    assert pbx.wait_idle(5)
+    assert {c["state"] for c in pbx.calls()} == {"released"}
+    assert len({e["call"]["extTrackingId"] for e in call_events(receiver)}) == 2
+    # Only the inbound call carries redirections.
+    assert all(("redirections/redirection/party/address" in e["call"]) == (e["call"]["personality"] == "Terminator")
+               for e in call_events(receiver))
+
+
+@pytest.mark.parametrize("body", [
+    {"from": "+79997770011"}, {"from": "999777001"}, {"from": 9997770011}, {"from": None},
+    {"to": "74951234567"}, {"to": "4950000000"}, {"to": None},
+    {"extension": "299"}, {"extension": ""}, {"extension": 200},
+    {"outcome": "busy"}, {"talk_seconds": 0}, {"talk_seconds": "40"}, {"talk_seconds": True},
+    {"outcome": "missed", "talk_seconds": 10}, {"caller": CALLER},
+])
+def test_inbound_validation(pbx, receiver, body):
+    subscribe(pbx, receiver.url())
+    response = inbound(pbx, **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]
+    assert pbx.calls() == []
+    assert receiver.events() == []
+
+
+def test_inbound_control_endpoint_shape(pbx):
+    assert control(pbx, "GET", "inbound").status_code == 405
+    assert control(pbx, "POST", "inbound", data="[1]").status_code == 400
+    assert control(pbx, "POST", "inbound", data="{").status_code == 400
+    with pytest.raises(ValueError, match="company numbers"):
+        pbx.inbound(CALLER, "4950000000")
+    with pytest.raises(ValueError, match="not found"):
+        pbx.inbound(CALLER, COMPANY, extension="299")
+    assert pbx.calls() == []
+    # Defaults: extension 200, answered, the default talk time.
+    view = control(pbx, "POST", "inbound", json={"from": CALLER, "to": COMPANY}).json()
+    assert (view["extension"], view["outcome"], view["talk_seconds"]) == ("200", "answered", 75.0)
+    assert pbx.wait_idle(5)
+
+
 # ---- subscriptions ----------------------------------------------------------------------------------------
 
 

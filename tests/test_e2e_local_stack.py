@@ -169,6 +169,20 @@ def test_the_call_is_tracked_recorded_and_written_back_to_the_order(local_stack_
     assert audio.content[:3] == b"ID3" or audio.content[:2] == b"\xff\xfb"  # an MP3, not an error page
 
 
+def test_an_inbound_call_from_a_new_number_becomes_a_lead_and_an_order(local_stack_running):
+    caller = f"99977{uuid.uuid4().int % 100000:05d}"
+    response = requests.post(local_stack_running["pbx"] + "/_sandbox/inbound", timeout=5,
+                              json={"from": caller, "to": "4951234567", "extension": "200", "outcome": "missed"})
+    assert response.status_code == 200
+
+    def order():
+        orders = requests.get(local_stack_running["sandbox"] + "/_sandbox/orders", timeout=5).json()
+        return [o for o in orders if o["orderData"]["phoneFields"][0]["value"] == "+7" + caller]
+
+    [created] = wait_until(order, 60, "the inbound caller's order")
+    assert created["projectId"] == "1"  # +74951234567 is offer 101's number
+
+
 def test_local_bucket_lifecycle_equals_the_templates(local_stack_running):
     s3 = aws_client(local_stack_running, "s3")
     bucket = next(b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith("callbridge-local-"))

@@ -27,8 +27,9 @@ Outcomes per customer number: an explicit mapping (`set_outcome`, `POST /_sandbo
 default, the last two digits: 01 busy, 02 no_answer, 03 operator_missed, 04 failed, anything else answered.
 
 Control endpoints under `/_sandbox/` (no auth) let tests inspect calls, subscriptions, deliveries and
-recordings, choose outcomes, inject faults (HTTP statuses, delays), hold calls ringing, terminate a
-subscription early and reset everything. Phone numbers are never written to the log in full.
+recordings, choose outcomes, place inbound calls (`POST /_sandbox/inbound`), inject faults (HTTP statuses,
+delays), hold calls ringing, terminate a subscription early and reset everything. Phone numbers are never
+written to the log in full.
 
 Run: `python -m infra.local.beeline_sandbox --host 127.0.0.1 --port 8102 --token X --time-scale 1.0`.
 """
@@ -476,7 +477,7 @@ class BeelineSandbox:
     # ---- Python control API ----------------------------------------------------------------------------
 
     def calls(self) -> list[dict[str, Any]]:
-        """The calls log, oldest first: pattern, abonent, phone, accepted_at, outcome, state, events, ..."""
+        """The calls log, oldest first: direction, pattern, abonent, phone, accepted_at, outcome, state, events, ..."""
         with self._lock:
             return [{k: copy.deepcopy(v) for k, v in c.items() if not k.startswith("_")} for c in self._calls]
 
@@ -503,6 +504,44 @@ class BeelineSandbox:
         if entry is not None:
             return entry["outcome"], entry.get("talk_seconds", self.talk_seconds)
         return OUTCOME_BY_LAST_TWO_DIGITS.get(phone10[-2:], "answered"), self.talk_seconds
+
+    def inbound(self, caller_phone10: str, number10: str, extension: str = "200", outcome: str = "answered",
+                talk_seconds: float | None = None) -> dict[str, Any]:
+        """Simulate a customer (`caller_phone10`) dialling the company number `number10`, ringing `extension`.
+
+        `outcome`: "answered" (rings `ring_seconds`, talk `talk_seconds` or the default, the caller hangs up) or
+        "missed" (rings `no_answer_seconds`, then the PBX gives up). Returns the call view (with ext_tracking_id).
+        Raises ValueError for numbers that are not 10 digits, a number that is not the company's, an unknown
+        abonent, an unknown outcome or a bad talk_seconds."""
+        for name, value in (("from", caller_phone10), ("to", number10)):
+            if not isinstance(value, str) or not TEN_DIGITS_RE.fullmatch(value):
+                raise ValueError(f"{name} must be 10 national digits")
+        if outcome not in INBOUND_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(INBOUND_OUTCOMES)}")
+        if talk_seconds is not None:
+            if isinstance(talk_seconds, bool) or not isinstance(talk_seconds, int | float) or talk_seconds <= 0:
+                raise ValueError("talk_seconds must be a positive number")
+            if outcome != "answered":
+                raise ValueError("talk_seconds only applies to answered calls")
+        if not isinstance(extension, str) or not extension:
+            raise ValueError("extension must be an abonent's extension")
+        with self._cv:
+            if number10 not in {n.get("phone") for n in self._numbers}:
+                raise ValueError("to must be one of the company numbers (GET numbers)")
+            abonent = self._find_abonent(extension)
+            if abonent is None:
+                raise ValueError(f"abonent {_mask_text(extension)} not found")
+            talk = float(talk_seconds) if talk_seconds is not None else self.talk_seconds
+            call, generation = self._register_call(
+                abonent, extension, caller_phone10, outcome, talk if outcome == "answered" else None,
+                direction="INBOUND", number=number10, redirections=[f"tel:+7{number10}"])
+            view = {k: copy.deepcopy(v) for k, v in call.items() if not k.startswith("_")}
+        if self.verbose:
+            _log(f"inbound {mask_phone(caller_phone10)} -> {mask_phone(number10)} ext {abonent['extension']}: "
+                 f"{call['ext_tracking_id']} ({outcome})")
+        threading.Thread(target=self._simulate, args=(call, generation),
+                         name=f"beeline-call-{call['ext_tracking_id']}", daemon=True).start()
+        return view
 
     def add_fault(self, count: int = 1, *, status: int | None = None, delay_seconds: float | None = None,
                   operation: str | None = None, proceed: bool | None = None) -> dict[str, Any]:
@@ -776,7 +815,10 @@ class BeelineSandbox:
 
     def _simulate(self, call: dict[str, Any], generation: int) -> None:
         try:
-            self._play(call, generation)
+            if call["direction"] == "INBOUND":
+                self._play_inbound(call, generation)
+            else:
+                self._play(call, generation)
         except Exception as exc:  # a bug here must not kill the server quietly
             _log(f"call simulation failed: {type(exc).__name__}: {exc}")
         finally:
@@ -888,6 +930,64 @@ class BeelineSandbox:
                 if not self._cancelled(generation):
                     self._store_recording(call, abonent, answer, now)
 
+    def _play_inbound(self, call: dict[str, Any], generation: int) -> None:
+        """A caller dialled a company number and it rings the abonent: the Terminator leg, one extTrackingId."""
+        abonent = call["_abonent"]
+        start = call["start_time"]
+        leg = {"personality": "Terminator", "remote": {"address": f"tel:+7{call['phone']}", "callType": "Network"},
+               "start_ms": start}
+        if not self._step(call, generation, "CallReceivedEvent", state="Alerting", at_ms=start,
+                          call_state="alerting", **leg):
+            return
+        held = self._wait_hold(generation)
+        if held is None:
+            return
+        now = start + round(held / self.time_scale * 1000)
+
+        def wait(seconds: float) -> bool:
+            nonlocal now
+            if not self._sleep(generation, seconds):
+                return False
+            now += round(seconds * 1000)
+            return True
+
+        if call["outcome"] == "missed":
+            if wait(self.no_answer_seconds):  # nobody picks up: the PBX gives up ringing
+                self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, release_ms=now,
+                             releasing_party="localRelease", internal_cause="Request Timeout", cdr_cause="111",
+                             **leg)
+            return
+
+        if not wait(self.ring_seconds):  # the abonent answers
+            return
+        if self.noise_events:
+            with self._cv:
+                if not self._cancelled(generation):
+                    self._emit(call, "HookStatusEvent", "<xsi:hookStatus>Off-Hook</xsi:hookStatus>")
+        answer = now
+        with self._lock:
+            recording = self._recording.get(abonent["userId"], False)
+        call["answer_time"] = answer
+        if not self._step(call, generation, "CallAnsweredEvent", state="Active", at_ms=now, call_state="active",
+                          answer_ms=answer, recording_state="Started" if recording else None, **leg):
+            return
+        if recording:
+            with self._cv:
+                if not self._cancelled(generation):
+                    self._emit(call, "CallRecordingStartedEvent",
+                               f"<xsi:callId>{escape(call['call_id'])}</xsi:callId>"
+                               f"<xsi:extTrackingId>{escape(call['ext_tracking_id'])}</xsi:extTrackingId>"
+                               "<xsi:recordingState>Started</xsi:recordingState>", advanced_only=True)
+        if not wait(call["talk_seconds"]):
+            return
+        self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, answer_ms=answer,
+                     release_ms=now, releasing_party="remoteRelease", cdr_cause="016",
+                     recording_state="Stopped" if recording else None, **leg)
+        if recording:
+            with self._cv:
+                if not self._cancelled(generation):
+                    self._store_recording(call, abonent, answer, now)
+
     def _finish(self, call: dict[str, Any], generation: int, event_type: str, **kwargs: Any) -> None:
         with self._cv:
             if self._step(call, generation, event_type, call_state="released", **kwargs):
@@ -903,8 +1003,9 @@ class BeelineSandbox:
         record_id = str(self._next_record_id)
         self._next_record_id += 1
         self._records[record_id] = {
-            "id": record_id, "externalId": call["ext_tracking_id"], "phone": call["phone"], "direction": "OUTBOUND",
-            "date": call["start_time"], "duration": duration_ms, "fileSize": len(audio), "comment": None,
+            "id": record_id, "externalId": call["ext_tracking_id"], "phone": call["phone"],
+            "direction": call["direction"], "date": call["start_time"], "duration": duration_ms,
+            "fileSize": len(audio), "comment": None,
             "abonent": self._public_abonent(abonent),
             "_audio": audio,
             "_available_at": time.monotonic() + self.recording_delay_seconds * self.time_scale,
@@ -1034,6 +1135,46 @@ class BeelineSandbox:
             self._recording[abonent["userId"]] = method == "PUT"
             return _Response(200)
 
+    def _register_call(self, abonent: dict[str, Any], pattern: str, phone: str, outcome: str,
+                       talk_seconds: float | None, *, direction: str, number: str | None = None,
+                       redirections: list[str] | None = None) -> tuple[dict[str, Any], int]:
+        """Log a new call in flight with a fresh extTrackingId (lock held); returns it and the generation."""
+        tracking = f"{self._next_tracking}:1"
+        self._next_tracking += 1
+        call_half = self._next_call_half
+        self._next_call_half += 2
+        in_flight = len(self._in_flight)
+        call: dict[str, Any] = {
+            "ext_tracking_id": tracking,
+            "call_id": f"callhalf-{call_half}:0",
+            "network_call_id": f"BW{call_half}{secrets.randbelow(10**9):09d}@10.48.1.20",
+            "direction": direction,
+            "pattern": pattern,
+            "abonent_user_id": abonent["userId"],
+            "extension": abonent["extension"],
+            "phone": phone,  # the customer: called (OUTBOUND) or calling (INBOUND)
+            "outcome": outcome,
+            "talk_seconds": talk_seconds,
+            "state": "accepted",
+            "accepted_at": _now_iso(),
+            "accepted_ts": time.time(),
+            "in_flight_at_accept": in_flight,
+            "start_time": _now_ms(),
+            "answer_time": None,
+            "release_time": None,
+            "released_at": None,
+            "record_id": None,
+            "events": [],
+            "_abonent": abonent,
+        }
+        if direction == "INBOUND":
+            call["number"] = number  # the company number dialled
+            call["redirections"] = list(redirections or [])
+        self._calls.append(call)
+        self._in_flight.add(tracking)
+        self._max_in_flight = max(self._max_in_flight, len(self._in_flight))
+        return call, self._generation
+
     def _api_call(self, method, segments, query, headers, body) -> _Response:
         pattern = segments[1]
         phone = _single(query, "phoneNumber", required=True)
@@ -1042,38 +1183,10 @@ class BeelineSandbox:
             if phone is None or not TEN_DIGITS_RE.fullmatch(phone):
                 raise ApiError(400, "BadRequest", "phoneNumber must be 10 digits without country code")
             outcome, talk = self.outcome_for(phone)
-            tracking = f"{self._next_tracking}:1"
-            self._next_tracking += 1
-            call_half = self._next_call_half
-            self._next_call_half += 2
-            in_flight = len(self._in_flight)
-            call: dict[str, Any] = {
-                "ext_tracking_id": tracking,
-                "call_id": f"callhalf-{call_half}:0",
-                "network_call_id": f"BW{call_half}{secrets.randbelow(10**9):09d}@10.48.1.20",
-                "pattern": pattern,
-                "abonent_user_id": abonent["userId"],
-                "extension": abonent["extension"],
-                "phone": phone,
-                "outcome": outcome,
-                "talk_seconds": talk if outcome == "answered" else None,
-                "state": "accepted",
-                "accepted_at": _now_iso(),
-                "accepted_ts": time.time(),
-                "in_flight_at_accept": in_flight,
-                "start_time": _now_ms(),
-                "answer_time": None,
-                "release_time": None,
-                "released_at": None,
-                "record_id": None,
-                "events": [],
-                "_abonent": abonent,
-            }
-            self._calls.append(call)
+            call, generation = self._register_call(abonent, pattern, phone, outcome,
+                                                   talk if outcome == "answered" else None, direction="OUTBOUND")
             self._originates += 1
-            self._in_flight.add(tracking)
-            self._max_in_flight = max(self._max_in_flight, len(self._in_flight))
-            generation = self._generation
+            tracking = call["ext_tracking_id"]
         if self.verbose:
             _log(f"originate ext {abonent['extension']} -> {mask_phone(phone)}: {tracking} ({outcome})")
         threading.Thread(target=self._simulate, args=(call, generation), name=f"beeline-call-{tracking}",
@@ -1190,11 +1303,16 @@ class BeelineSandbox:
                 if call["release_time"] is None or not date_from <= call["start_time"] <= date_to:
                     continue
                 answered = call["answer_time"] is not None
+                duration = call["release_time"] - call["answer_time"] if answered else 0
+                if call["direction"] == "INBOUND":
+                    rows.append({"startDate": call["start_time"], "direction": "INBOUND", "duration": duration,
+                                 "status": "RECIEVED" if answered else "MISSED",  # sic, as Beeline spells it
+                                 "phone_from": call["phone"], "abonent": self._public_abonent(call["_abonent"])})
+                    continue
                 # PLACED: the customer was dialled (answered or not: duration tells); MISSED: the operator leg
                 # never turned into a call to the customer.
                 customer_dialled = call["outcome"] in ("answered", "busy", "no_answer")
-                rows.append({"startDate": call["start_time"], "direction": "OUTBOUND",
-                             "duration": call["release_time"] - call["answer_time"] if answered else 0,
+                rows.append({"startDate": call["start_time"], "direction": "OUTBOUND", "duration": duration,
                              "status": "PLACED" if customer_dialled else "MISSED", "phone_to": call["phone"],
                              "abonent": self._public_abonent(call["_abonent"])})
             return _Response(200, rows[page * size:(page + 1) * size])
@@ -1240,6 +1358,18 @@ class BeelineSandbox:
                     with self._lock:
                         self._outcomes.clear()
                 return _Response(200, self.outcomes())
+            if parts == ["inbound"]:
+                _allow(method, "POST")
+                spec = _json_object(body)
+                unknown = set(spec) - INBOUND_KEYS
+                if unknown:
+                    raise SandboxError(400, f"unknown inbound keys: {sorted(unknown)}")
+                try:
+                    view = self.inbound(spec.get("from"), spec.get("to"), spec.get("extension", "200"),
+                                        spec.get("outcome", "answered"), spec.get("talk_seconds"))
+                except ValueError as exc:
+                    raise SandboxError(400, str(exc)) from None
+                return _Response(200, view)
             if parts == ["faults"]:
                 _allow(method, "GET", "POST", "DELETE")
                 if method == "GET":

@@ -27,7 +27,7 @@ import math
 import time
 import uuid
 
-from functions import budget, calls, channels, config, leads, operators, queues, resources, store
+from functions import budget, calls, channels, config, leads, operators, queues, store
 from functions.beeline.events import CallData, XsiEvent
 from functions.observability import logger, metric
 from functions.phones import InvalidPhone, mask, normalise
@@ -109,19 +109,9 @@ def _store_event(event: XsiEvent) -> bool:
 
 
 def _legs(ext: str) -> list[CallData]:
-    from boto3.dynamodb.conditions import Key
-
-    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq(_track(ext)) & Key("sk").begins_with("EVENT#"),
-                         "ConsistentRead": True}
-    while True:
-        page = resources.table().query(**kwargs)
-        items += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            break
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     legs = []
-    for item in items:
-        leg = store.from_dynamo(item["leg"])
+    for item in store.query(_track(ext), "EVENT#"):
+        leg = dict(item["leg"])
         leg["redirect_addresses"] = tuple(leg.get("redirect_addresses") or ())
         legs.append(CallData(**leg))
     return legs

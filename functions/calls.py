@@ -81,14 +81,4 @@ def mark_closed(call_id: str) -> None:
 
 
 def open_calls() -> list[str]:
-    from boto3.dynamodb.conditions import Key
-
-    from functions import resources
-
-    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq("OPENCALLS")}
-    while True:
-        page = resources.table().query(**kwargs)
-        items += [i["sk"] for i in page["Items"]]
-        if "LastEvaluatedKey" not in page:
-            return items
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return [item["sk"] for item in store.query("OPENCALLS")]

@@ -238,18 +238,8 @@ def sinks() -> list[Sink]:
 
 def lead_calls(lead_id: str) -> list[dict]:
     """Every call of the lead that has ended, oldest first (the CALLLOG items sort by ended_at)."""
-    from boto3.dynamodb.conditions import Key
-
-    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq(f"LEAD#{lead_id}") & Key("sk").begins_with("CALLLOG#"),
-                         "ConsistentRead": True}
-    while True:
-        page = resources.table().query(**kwargs)
-        items += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            break
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     found = []
-    for item in sorted(items, key=lambda i: i["sk"]):
+    for item in store.query(f"LEAD#{lead_id}", "CALLLOG#"):
         call = calls.get(str(item["call_id"]))
         if call is not None:
             found.append({**call, "call_id": str(item["call_id"])})

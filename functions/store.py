@@ -94,3 +94,20 @@ def update(key: dict, changes: dict, *, condition: str | None = None, names: dic
     if return_new:
         return {k: v for k, v in from_dynamo(response["Attributes"]).items() if k not in ("pk", "sk")}
     return True
+
+
+def query(pk: str, sk_prefix: str | None = None) -> list[dict]:
+    """Every item of a partition (optionally only sort keys with a prefix), in sort-key order, all pages,
+    strongly consistent, converted from DynamoDB's types (pk/sk kept: callers read the sort key)."""
+    from boto3.dynamodb.conditions import Key
+
+    condition = Key("pk").eq(pk)
+    if sk_prefix:
+        condition = condition & Key("sk").begins_with(sk_prefix)
+    items, kwargs = [], {"KeyConditionExpression": condition, "ConsistentRead": True}
+    while True:
+        page = resources.table().query(**kwargs)
+        items += [from_dynamo(i) for i in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +137,29 @@ def beeline_sandbox(monkeypatch):
         beeline.default_client.cache_clear()
         yield sandbox
     beeline.default_client.cache_clear()
+
+
+class EventSink:
+    """An HTTP endpoint on loopback that collects what a sandbox posts to it (Beeline's XSI events)."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[bytes] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                sink.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/events"
 
 
 def receive(kind: str, dlq: bool = False, wait: int = 0, max_messages: int = 10) -> list[dict]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
 import pytest
-from conftest import TILDA_KEY, deliver, receive
+from conftest import TILDA_KEY, EventSink, deliver, receive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,31 +22,10 @@ SECRET = "test-beeline-secret"
 FORM = "application/x-www-form-urlencoded"
 
 
-class Sink:
-    """Collects the XML documents the sandbox posts to its subscription URL."""
-
-    def __init__(self):
-        self.bodies: list[bytes] = []
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                sink.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/events"
-
-
 @pytest.fixture
 def pbx(beeline_sandbox, monkeypatch):
     monkeypatch.setenv("BEELINE_WEBHOOK_SECRET", SECRET)
-    sink = Sink()
+    sink = EventSink()
     beeline.default_client().subscribe(sink.url, 3600)
     yield beeline_sandbox, sink
     sink.server.shutdown()

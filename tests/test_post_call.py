@@ -6,15 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import TILDA_KEY, _clear_caches, bodies, deliver, receive
+from conftest import TILDA_KEY, EventSink, _clear_caches, bodies, deliver, receive
 
 from functions import calls, config, intake_worker, leads, post_call, recordings, resources, store
 from functions.beeline import client as beeline
@@ -407,32 +405,11 @@ def test_logs_hold_no_full_phone(env, log_output):
 
 # --- through the queue, from a real call ---------------------------------------------------------------
 
-class _Sink:
-    """Collects the XSI event documents the sandbox posts to its subscription."""
-
-    def __init__(self):
-        self.bodies: list[bytes] = []
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                sink.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/events"
-
-
 def test_a_real_call_goes_from_tilda_to_the_crm_call_log_through_the_queue(env, client, monkeypatch):
     """Tilda post -> intake -> dialer -> sandbox call -> XSI events -> recording worker -> write-back."""
     monkeypatch.setenv("CALLBACK_DELAY_SECONDS", "0")
     monkeypatch.setenv("BEELINE_WEBHOOK_SECRET", "test-beeline-secret")
-    sink = _Sink()
+    sink = EventSink()
     try:
         beeline.default_client().subscribe(sink.url, 3600)
         body = urlencode({"Name": "Анна", "Phone": PHONE, "tranid": "pc:1", "formid": "form493249737"})

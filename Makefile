@@ -6,7 +6,7 @@ STAGE ?= dev
 QUEUE ?= intake
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install run test lint unit e2e cfn-lint bench package replay-dlq clean
+.PHONY: install run demo test lint unit e2e cfn-lint bench package replay-dlq clean
 
 # The virtual environment is rebuilt when the pinned requirements change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 ## The whole system locally: moto server, AWS resources from infra/template.yaml, sandboxes, app, runner.
 run: install
 	$(PY) -m infra.local.run
+
+## A sample lead through the running local stack, with its timeline (start `make run` first).
+demo: install
+	$(PY) -m infra.local.demo
 
 ## Every test: lint, unit and integration tests, the end-to-end test of `make run`, cfn-lint.
 test: install lint cfn-lint

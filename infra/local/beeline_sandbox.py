@@ -45,7 +45,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -55,10 +54,18 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
+
+from infra.local.sandbox_http import (
+    SandboxError,
+    SandboxHandler,
+    SandboxServer,
+    allow_methods,
+    json_object,
+    serve_until_signalled,
+)
 
 DEFAULT_TOKEN = "sandbox-beeline-token"
 API_PREFIX = "/apis/portal/"
@@ -119,14 +126,6 @@ LONG_DIGITS_RE = re.compile(r"\+?\d{10,11}")
 NGINX_503 = (b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n"
              b"<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n"
              b"</body>\r\n</html>\r\n")
-
-
-class SandboxError(Exception):
-    """A control-endpoint error carrying the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class ApiError(Exception):
@@ -358,7 +357,25 @@ def _masked_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/…"
 
 
-class BeelineSandbox:
+class _SimClock:
+    """Simulated epoch-ms time of one call: `wait()` sleeps the scaled wall time, then moves `now` on."""
+
+    __slots__ = ("_generation", "_sandbox", "now")
+
+    def __init__(self, sandbox: BeelineSandbox, generation: int, now: int):
+        self._sandbox = sandbox
+        self._generation = generation
+        self.now = now
+
+    def wait(self, seconds: float) -> bool:
+        """False (and `now` unchanged) when the sandbox was reset or stopped meanwhile."""
+        if not self._sandbox._sleep(self._generation, seconds):
+            return False
+        self.now += round(seconds * 1000)
+        return True
+
+
+class BeelineSandbox(SandboxServer):
     """In-memory Beeline Cloud PBX served over HTTP. Use `start()`/`stop()` or `with BeelineSandbox() as pbx`."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, time_scale: float = 1.0,
@@ -375,8 +392,7 @@ class BeelineSandbox:
             raise ValueError(f"originate_body must be one of {ORIGINATE_BODIES}")
         if recording_delay_seconds < 0 or talk_seconds <= 0 or ring_seconds < 0 or no_answer_seconds <= 0:
             raise ValueError("durations must not be negative")
-        self.host = host
-        self._port = port
+        super().__init__(host, port, handler=_Handler, thread_name="beeline-sandbox")
         self.token = token
         self.time_scale = float(time_scale)
         self.max_expires = max_expires
@@ -395,8 +411,6 @@ class BeelineSandbox:
         self._numbers = [dict(n) for n in (numbers if numbers is not None else DEFAULT_NUMBERS)]
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._stopping = False
         self._generation = 0
         self._worker_subs: set[str] = set()  # ids of subscriptions whose delivery worker still runs
@@ -422,53 +436,17 @@ class BeelineSandbox:
         self._hold = False
         self._deliveries: deque[dict[str, Any]] = deque(maxlen=MAX_DELIVERY_LOG)
 
-    # ---- lifecycle -------------------------------------------------------------------------------------
+    # ---- lifecycle: start()/stop()/port/base_url come from SandboxServer -------------------------------
 
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        sandbox = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.sandbox = sandbox
+    def _before_start(self) -> None:
         self._stopping = False
-        self._server = ThreadingHTTPServer((self.host, self._port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="beeline-sandbox", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self) -> None:
-        with self._cv:
+    def _before_shutdown(self) -> None:
+        with self._cv:  # end every simulated call and delivery worker before the server goes away
             self._stopping = True
             self._generation += 1
             self._in_flight.clear()
             self._cv.notify_all()
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1] if self._server is not None else self._port
-
-    @property
-    def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        return f"http://{host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -857,22 +835,12 @@ class BeelineSandbox:
         if not self._step(call, generation, "CallOriginatedEvent", state="Alerting", at_ms=start,
                           call_state="operator_alerting", **ctd):
             return
-        held = self._wait_hold(generation)
-        if held is None:
+        clock = self._clock_after_hold(generation, start)
+        if clock is None:
             return
-        now = start + round(held / self.time_scale * 1000)
-
-        def wait(seconds: float) -> bool:
-            nonlocal now
-            if not self._sleep(generation, seconds):
-                return False
-            now += round(seconds * 1000)
-            return True
 
         def release_ctd(seconds: float, releasing: str, cause: str, cdr: str) -> None:
-            if wait(seconds):
-                self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, release_ms=now,
-                             releasing_party=releasing, internal_cause=cause, cdr_cause=cdr, **ctd)
+            self._release_after(call, generation, clock, seconds, ctd, releasing, cause, cdr)
 
         if outcome == "operator_missed":
             return release_ctd(self.no_answer_seconds, "localRelease", "Request Timeout", "111")
@@ -881,94 +849,53 @@ class BeelineSandbox:
         if outcome == "failed":
             return release_ctd(FAILURE_SECONDS, "localRelease", "Server Failure", "041")
 
-        if not wait(self.ring_seconds):  # the operator answers; the PBX dials the customer
+        if not clock.wait(self.ring_seconds):  # the operator answers; the PBX dials the customer
             return
-        if self.noise_events:
-            with self._cv:
-                if not self._cancelled(generation):
-                    self._emit(call, "HookStatusEvent", "<xsi:hookStatus>Off-Hook</xsi:hookStatus>")
+        self._emit_off_hook(call, generation)
         leg = {"personality": "Originator", "remote": customer_party, "start_ms": start}
-        if not self._step(call, generation, "CallOriginatedEvent", state="Alerting", at_ms=now,
+        if not self._step(call, generation, "CallOriginatedEvent", state="Alerting", at_ms=clock.now,
                           call_state="customer_alerting", **leg):
             return
         if outcome == "busy":
-            if wait(BUSY_SECONDS):
-                self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, release_ms=now,
-                             releasing_party="remoteRelease", internal_cause="Busy", cdr_cause="017", **leg)
-            return
+            return self._release_after(call, generation, clock, BUSY_SECONDS, leg, "remoteRelease", "Busy", "017")
         if outcome == "no_answer":
-            if wait(self.no_answer_seconds):
-                self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, release_ms=now,
-                             releasing_party="localRelease", internal_cause="Temporarily Unavailable",
-                             cdr_cause="019", **leg)
-            return
+            return self._release_after(call, generation, clock, self.no_answer_seconds, leg, "localRelease",
+                                       "Temporarily Unavailable", "019")
 
-        if not wait(self.ring_seconds):  # the customer answers
+        if not clock.wait(self.ring_seconds):  # the customer answers
             return
-        answer = now
-        with self._lock:
-            recording = self._recording.get(abonent["userId"], False)
-        rec_state = "Started" if recording else None
-        call["answer_time"] = answer
-        if not self._step(call, generation, "CallAnsweredEvent", state="Active", at_ms=now, call_state="active",
-                          answer_ms=answer, recording_state=rec_state, **leg):
-            return
-        if recording:
-            with self._cv:
-                if not self._cancelled(generation):
-                    self._emit(call, "CallRecordingStartedEvent",
-                               f"<xsi:callId>{escape(call['call_id'])}</xsi:callId>"
-                               f"<xsi:extTrackingId>{escape(call['ext_tracking_id'])}</xsi:extTrackingId>"
-                               "<xsi:recordingState>Started</xsi:recordingState>", advanced_only=True)
-        if not wait(call["talk_seconds"]):
-            return
-        self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, answer_ms=answer,
-                     release_ms=now, releasing_party="remoteRelease", cdr_cause="016",
-                     recording_state="Stopped" if recording else None, **leg)
-        if recording:
-            with self._cv:
-                if not self._cancelled(generation):
-                    self._store_recording(call, abonent, answer, now)
+        self._play_answered(call, generation, leg, clock)
 
     def _play_inbound(self, call: dict[str, Any], generation: int) -> None:
         """A caller dialled a company number and it rings the abonent: the Terminator leg, one extTrackingId."""
-        abonent = call["_abonent"]
         start = call["start_time"]
         leg = {"personality": "Terminator", "remote": {"address": f"tel:+7{call['phone']}", "callType": "Network"},
                "start_ms": start}
         if not self._step(call, generation, "CallReceivedEvent", state="Alerting", at_ms=start,
                           call_state="alerting", **leg):
             return
-        held = self._wait_hold(generation)
-        if held is None:
-            return
-        now = start + round(held / self.time_scale * 1000)
-
-        def wait(seconds: float) -> bool:
-            nonlocal now
-            if not self._sleep(generation, seconds):
-                return False
-            now += round(seconds * 1000)
-            return True
-
-        if call["outcome"] == "missed":
-            if wait(self.no_answer_seconds):  # nobody picks up: the PBX gives up ringing
-                self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, release_ms=now,
-                             releasing_party="localRelease", internal_cause="Request Timeout", cdr_cause="111",
-                             **leg)
+        clock = self._clock_after_hold(generation, start)
+        if clock is None:
             return
 
-        if not wait(self.ring_seconds):  # the abonent answers
+        if call["outcome"] == "missed":  # nobody picks up: the PBX gives up ringing
+            return self._release_after(call, generation, clock, self.no_answer_seconds, leg, "localRelease",
+                                       "Request Timeout", "111")
+
+        if not clock.wait(self.ring_seconds):  # the abonent answers
             return
-        if self.noise_events:
-            with self._cv:
-                if not self._cancelled(generation):
-                    self._emit(call, "HookStatusEvent", "<xsi:hookStatus>Off-Hook</xsi:hookStatus>")
-        answer = now
+        self._emit_off_hook(call, generation)
+        self._play_answered(call, generation, leg, clock)
+
+    def _play_answered(self, call: dict[str, Any], generation: int, leg: Mapping[str, Any], clock: _SimClock) -> None:
+        """The answered leg of a call in either direction, from `clock.now`: CallAnsweredEvent, the recording start
+        when the abonent records, the talk, the caller's hang-up, then the stored recording."""
+        abonent = call["_abonent"]
+        answer = clock.now
         with self._lock:
             recording = self._recording.get(abonent["userId"], False)
         call["answer_time"] = answer
-        if not self._step(call, generation, "CallAnsweredEvent", state="Active", at_ms=now, call_state="active",
+        if not self._step(call, generation, "CallAnsweredEvent", state="Active", at_ms=answer, call_state="active",
                           answer_ms=answer, recording_state="Started" if recording else None, **leg):
             return
         if recording:
@@ -978,15 +905,38 @@ class BeelineSandbox:
                                f"<xsi:callId>{escape(call['call_id'])}</xsi:callId>"
                                f"<xsi:extTrackingId>{escape(call['ext_tracking_id'])}</xsi:extTrackingId>"
                                "<xsi:recordingState>Started</xsi:recordingState>", advanced_only=True)
-        if not wait(call["talk_seconds"]):
+        if not clock.wait(call["talk_seconds"]):
             return
-        self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=now, answer_ms=answer,
-                     release_ms=now, releasing_party="remoteRelease", cdr_cause="016",
+        release = clock.now
+        self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=release, answer_ms=answer,
+                     release_ms=release, releasing_party="remoteRelease", cdr_cause="016",
                      recording_state="Stopped" if recording else None, **leg)
         if recording:
             with self._cv:
                 if not self._cancelled(generation):
-                    self._store_recording(call, abonent, answer, now)
+                    self._store_recording(call, abonent, answer, release)
+
+    def _clock_after_hold(self, generation: int, start_ms: int) -> _SimClock | None:
+        """The call's clock once any hold is over (the time held counts as simulated time); None when cancelled."""
+        held = self._wait_hold(generation)
+        if held is None:
+            return None
+        return _SimClock(self, generation, start_ms + round(held / self.time_scale * 1000))
+
+    def _release_after(self, call: dict[str, Any], generation: int, clock: _SimClock, seconds: float,
+                       leg: Mapping[str, Any], releasing_party: str, internal_cause: str, cdr_cause: str) -> None:
+        """Release a leg nobody answered after `seconds` of simulated time, unless the call was cancelled meanwhile."""
+        if clock.wait(seconds):
+            self._finish(call, generation, "CallReleasedEvent", state="Released", at_ms=clock.now,
+                         release_ms=clock.now, releasing_party=releasing_party, internal_cause=internal_cause,
+                         cdr_cause=cdr_cause, **leg)
+
+    def _emit_off_hook(self, call: dict[str, Any], generation: int) -> None:
+        """With `noise_events`, the HookStatusEvent of a phone going off-hook (an answer)."""
+        if self.noise_events:
+            with self._cv:
+                if not self._cancelled(generation):
+                    self._emit(call, "HookStatusEvent", "<xsi:hookStatus>Off-Hook</xsi:hookStatus>")
 
     def _finish(self, call: dict[str, Any], generation: int, event_type: str, **kwargs: Any) -> None:
         with self._cv:
@@ -1333,18 +1283,18 @@ class BeelineSandbox:
         parts = [unquote(p) for p in path.split("/") if p][1:]  # drop "_sandbox"
         try:
             if parts == ["health"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, {"ok": True})
             if parts == ["calls"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.calls())
             if parts == ["stats"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.stats())
             if parts == ["outcomes"]:
-                _allow(method, "GET", "POST", "DELETE")
+                allow_methods(method, "GET", "POST", "DELETE")
                 if method == "POST":
-                    for phone, spec in _json_object(body).items():
+                    for phone, spec in json_object(body).items():
                         if isinstance(spec, str):
                             spec = {"outcome": spec}
                         if not isinstance(spec, dict) or set(spec) - {"outcome", "talk_seconds"}:
@@ -1359,8 +1309,8 @@ class BeelineSandbox:
                         self._outcomes.clear()
                 return _Response(200, self.outcomes())
             if parts == ["inbound"]:
-                _allow(method, "POST")
-                spec = _json_object(body)
+                allow_methods(method, "POST")
+                spec = json_object(body)
                 unknown = set(spec) - INBOUND_KEYS
                 if unknown:
                     raise SandboxError(400, f"unknown inbound keys: {sorted(unknown)}")
@@ -1371,14 +1321,14 @@ class BeelineSandbox:
                     raise SandboxError(400, str(exc)) from None
                 return _Response(200, view)
             if parts == ["faults"]:
-                _allow(method, "GET", "POST", "DELETE")
+                allow_methods(method, "GET", "POST", "DELETE")
                 if method == "GET":
                     return _Response(200, self.faults())
                 if method == "DELETE":
                     with self._lock:
                         self._faults.clear()
                     return _Response(200, [])
-                spec = _json_object(body)
+                spec = json_object(body)
                 unknown = set(spec) - {"count", "status", "delay_seconds", "operation", "proceed"}
                 if unknown:
                     raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
@@ -1387,13 +1337,13 @@ class BeelineSandbox:
                 except ValueError as exc:
                     raise SandboxError(400, str(exc)) from None
             if parts == ["subscriptions"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.subscriptions())
             if len(parts) == 3 and parts[0] == "subscriptions" and parts[2] == "terminate":
-                _allow(method, "POST")
+                allow_methods(method, "POST")
                 return _Response(200, self.terminate_subscription(parts[1]))
             if len(parts) == 2 and parts[0] == "agent":
-                _allow(method, "GET", "PUT")
+                allow_methods(method, "GET", "PUT")
                 if method == "PUT":
                     value = json.loads(body) if body else None
                     if isinstance(value, dict):
@@ -1404,27 +1354,27 @@ class BeelineSandbox:
                         raise SandboxError(400, str(exc)) from None
                 return _Response(200, {"agentStatus": self.agent_status(parts[1])})
             if parts == ["records"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.records())
             if parts == ["deliveries"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.deliveries())
             if parts == ["hold"]:
-                _allow(method, "GET", "POST")
+                allow_methods(method, "GET", "POST")
                 if method == "POST":
-                    value = _json_object(body).get("hold")
+                    value = json_object(body).get("hold")
                     if not isinstance(value, bool):
                         raise SandboxError(400, 'body must be {"hold": true|false}')
                     self.hold(value)
                 return _Response(200, {"hold": self._hold})
             if parts == ["wait-idle"]:
-                _allow(method, "POST")
-                timeout = _json_object(body).get("timeout", 10)
+                allow_methods(method, "POST")
+                timeout = json_object(body).get("timeout", 10)
                 if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout <= 300:
                     raise SandboxError(400, "timeout must be 0-300 seconds")
                 return _Response(200, {"idle": self.wait_idle(timeout)})
             if parts == ["reset"]:
-                _allow(method, "POST")
+                allow_methods(method, "POST")
                 self.reset()
                 return _Response(200, {"ok": True})
         except SandboxError as exc:
@@ -1434,91 +1384,29 @@ class BeelineSandbox:
         return _Response(404, {"error": "not found"})
 
 
-def _allow(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        raise SandboxError(405, f"use {' or '.join(allowed)}")
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise SandboxError(400, "body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise SandboxError(400, "body must be a JSON object")
-    return value
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(SandboxHandler):
     server_version = "BeelineSandbox/1.0"
-    timeout = 60  # idle keep-alive connections must not pin threads forever
+    log_name = "beeline sandbox"
+    max_body_bytes = MAX_BODY_BYTES
     sandbox: BeelineSandbox
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def _masked_path(self, path: str) -> str:
+        return _mask_text(path)  # never the query: it holds the customer's number
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
+    def _bad_request(self, status: int, message: str) -> _Response:
+        return _error(status, "BadRequest", message)  # SandboxHandler closes the connection after it
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        url = urlsplit(self.path)
-        self._log_path = _mask_text(url.path)  # never the query: it holds the customer's number
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self._send(_error(411, "BadRequest", "Content-Length required"), close=True)
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self._send(_error(413 if length > 0 else 400, "BadRequest", "Bad Content-Length"), close=True)
-            return
-        # Read the body before answering anything so a keep-alive connection stays in sync.
-        body = self.rfile.read(length) if length else b""
+    def _route(self, method: str, url: SplitResult, body: bytes) -> _Response:
         sandbox = self.sandbox
-        try:
-            if url.path == "/_sandbox" or url.path.startswith("/_sandbox/"):
-                response = sandbox.handle_control(method, url.path, body)
-            elif url.path.startswith(API_PREFIX):
-                response = sandbox.handle_api(method, url.path, url.query, self.headers, body)
-            elif url.path.startswith("/files/records/"):
-                response = sandbox.handle_file(method, url.path)
-            else:
-                response = _error(404, "NotFound", "Not found")
-        except Exception as exc:
-            sys.stderr.write(f"beeline sandbox: internal error {type(exc).__name__}\n")
-            response = _error(500, "InternalError", "Internal sandbox error")
-        self._send(response)
+        if url.path.startswith(API_PREFIX):
+            return sandbox.handle_api(method, url.path, url.query, self.headers, body)
+        if url.path.startswith("/files/records/"):
+            return sandbox.handle_file(method, url.path)
+        return _error(404, "NotFound", "Not found")
 
-    def _send(self, response: _Response, *, close: bool = False) -> None:
-        self.send_response(response.status)
-        if response.content_type:
-            self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        if close or response.close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(response.body)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # Method, masked path and status only: queries and bodies carry phone numbers, headers the token.
-        if self.sandbox.verbose:
-            path = getattr(self, "_log_path", "?")
-            sys.stderr.write(f"beeline sandbox: {self.command} {path} {code}\n")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    def _internal_error(self, exc: Exception) -> _Response:
+        sys.stderr.write(f"beeline sandbox: internal error {type(exc).__name__}\n")
+        return _error(500, "InternalError", "Internal sandbox error")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1535,10 +1423,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     args = parser.parse_args(argv)
 
-    stop = threading.Event()
-    # Only set a flag in the handler; the main loop shuts the server down outside signal context.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         sandbox = BeelineSandbox(host=args.host, port=args.port, token=args.token, time_scale=args.time_scale,
                                  max_expires=args.max_expires, originate_body=args.originate_body,
@@ -1546,19 +1430,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"beeline sandbox: {exc}", file=sys.stderr)
         return 2
-    try:
-        sandbox.start()
-    except OSError as exc:
-        print(f"beeline sandbox: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    print(f"beeline sandbox: {sandbox.api_url}", flush=True)
-    try:
-        while not stop.wait(0.2):
-            pass
-    finally:
-        sandbox.stop()
-    return 0
-
+    return serve_until_signalled(sandbox, "beeline sandbox")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,16 +25,14 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from graphql import (
     DocumentNode,
@@ -54,6 +52,15 @@ from graphql import (
 )
 from graphql.execution import Executor
 from graphql.utilities import get_operation_ast
+
+from infra.local.sandbox_http import (
+    SandboxError,
+    SandboxHandler,
+    SandboxServer,
+    allow_methods,
+    json_object,
+    serve_until_signalled,
+)
 
 DEFAULT_TOKEN = "sandbox-salesrender-token"
 
@@ -186,14 +193,6 @@ MAX_BODY_BYTES = 1 << 20
 UNAUTHORIZED_BODY = {"errors": [{"message": "Unauthorized", "extensions": {"code": "ERR_UNAUTHORIZED"}}]}
 
 
-class SandboxError(Exception):
-    """A control-endpoint error carrying the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def _business_error(code: str, message: str) -> GraphQLError:
     return GraphQLError(message, extensions={"code": code})
 
@@ -312,14 +311,13 @@ class _Response:
         self.close = close
 
 
-class SalesRenderSandbox:
+class SalesRenderSandbox(SandboxServer):
     """In-memory SalesRender company served over HTTP. Use `start()`/`stop()` or `with SalesRenderSandbox() as sr`."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, company_id: str = "1",
                  projects: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None,
                  order_fields: list[dict[str, Any]] | None = None, verbose: bool = False):
-        self.host = host
-        self._port = port
+        super().__init__(host, port, handler=_Handler, thread_name="salesrender-sandbox")
         self.token = token
         self.company_id = str(company_id)
         self.verbose = verbose
@@ -342,50 +340,8 @@ class SalesRenderSandbox:
         self._next_id = 1
         self._requests: list[dict[str, Any]] = []
         self._faults: list[dict[str, Any]] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # ---- lifecycle -------------------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        sandbox = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.sandbox = sandbox
-        self._server = ThreadingHTTPServer((self.host, self._port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="salesrender-sandbox", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1] if self._server is not None else self._port
-
-    @property
-    def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        return f"http://{host}:{self.port}"
+    # ---- lifecycle: start()/stop()/port/base_url come from SandboxServer -------------------------------
 
     @property
     def api_url(self) -> str:
@@ -684,19 +640,19 @@ class SalesRenderSandbox:
         parts = [p for p in path.split("/") if p][1:]  # drop "_sandbox"
         try:
             if parts == ["health"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, {"ok": True})
             if parts == ["orders"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.orders())
             if parts == ["requests"]:
-                _allow(method, "GET")
+                allow_methods(method, "GET")
                 return _Response(200, self.requests_log())
             if parts == ["faults"]:
-                _allow(method, "GET", "POST")
+                allow_methods(method, "GET", "POST")
                 if method == "GET":
                     return _Response(200, self.faults())
-                spec = _json_object(body)
+                spec = json_object(body)
                 unknown = set(spec) - {"count", "status", "graphql_error", "delay_seconds", "operation", "message"}
                 if unknown:
                     raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
@@ -705,33 +661,18 @@ class SalesRenderSandbox:
                 except ValueError as exc:
                     raise SandboxError(400, str(exc)) from None
             if len(parts) == 3 and parts[0] == "orders" and parts[2] == "status":
-                _allow(method, "POST")
-                spec = _json_object(body)
+                allow_methods(method, "POST")
+                spec = json_object(body)
                 if spec.get("status_id") is None:
                     raise SandboxError(400, "status_id is required")
                 return _Response(200, self.set_order_status(parts[1], spec["status_id"]))
             if parts == ["reset"]:
-                _allow(method, "POST")
+                allow_methods(method, "POST")
                 self.reset()
                 return _Response(200, {"ok": True})
         except SandboxError as exc:
             return _Response(exc.status, {"error": str(exc)})
         return _Response(404, {"error": "not found"})
-
-
-def _allow(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        raise SandboxError(405, f"use {' or '.join(allowed)}")
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise SandboxError(400, "body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise SandboxError(400, "body must be a JSON object")
-    return value
 
 
 def _formatted(error: GraphQLError, code: str) -> dict[str, Any]:
@@ -740,77 +681,28 @@ def _formatted(error: GraphQLError, code: str) -> dict[str, Any]:
     return formatted
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(SandboxHandler):
     server_version = "SalesRenderSandbox/1.0"
-    timeout = 60  # idle keep-alive connections must not pin threads forever
+    log_name = "salesrender sandbox"
+    max_body_bytes = MAX_BODY_BYTES
     sandbox: SalesRenderSandbox
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    # The logged path is url.path as is: never the query, which may hold the token.
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
+    def _bad_request(self, status: int, message: str) -> _Response:
+        return _Response(status, _error_body(message, "BAD_REQUEST"), close=True)
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        url = urlsplit(self.path)
-        self._log_path = url.path  # never the query: it may hold the token
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self._send(_Response(411, _error_body("Content-Length required", "BAD_REQUEST"), close=True))
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self._send(_Response(413 if length > 0 else 400, _error_body("Bad Content-Length", "BAD_REQUEST"),
-                                 close=True))
-            return
-        # Read the body before answering anything so a keep-alive connection stays in sync.
-        body = self.rfile.read(length) if length else b""
+    def _route(self, method: str, url: SplitResult, body: bytes) -> _Response:
         sandbox = self.sandbox
-        try:
-            if url.path == "/_sandbox" or url.path.startswith("/_sandbox/"):
-                response = sandbox.handle_control(method, url.path, body)
-            elif url.path == f"/companies/{sandbox.company_id}/CRM":
-                if method != "POST":
-                    response = _Response(405, _error_body("Use POST", "METHOD_NOT_ALLOWED"))
-                else:
-                    response = sandbox.handle_graphql(self.headers, parse_qs(url.query), body)
-            else:
-                response = _Response(404, _error_body("Not found", "NOT_FOUND"))
-        except Exception as exc:
-            sys.stderr.write(f"salesrender sandbox: internal error {type(exc).__name__}: {exc}\n")
-            response = _Response(500, _error_body("Internal sandbox error", "INTERNAL_SERVER_ERROR"))
-        self._send(response)
+        if url.path == f"/companies/{sandbox.company_id}/CRM":
+            if method != "POST":
+                return _Response(405, _error_body("Use POST", "METHOD_NOT_ALLOWED"))
+            return sandbox.handle_graphql(self.headers, parse_qs(url.query), body)
+        return _Response(404, _error_body("Not found", "NOT_FOUND"))
 
-    def _send(self, response: _Response) -> None:
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        if response.close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(response.body)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # Method, path and status only: request lines may carry ?token=, bodies carry phone numbers.
-        if self.sandbox.verbose:
-            path = getattr(self, "_log_path", "?")
-            sys.stderr.write(f"salesrender sandbox: {self.command} {path} {code}\n")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    def _internal_error(self, exc: Exception) -> _Response:
+        sys.stderr.write(f"salesrender sandbox: internal error {type(exc).__name__}: {exc}\n")
+        return _Response(500, _error_body("Internal sandbox error", "INTERNAL_SERVER_ERROR"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -822,24 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     args = parser.parse_args(argv)
 
-    stop = threading.Event()
-    # Only set a flag in the handler; the main loop shuts the server down outside signal context.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     sandbox = SalesRenderSandbox(host=args.host, port=args.port, token=args.token, company_id=args.company_id,
                                  verbose=not args.quiet)
-    try:
-        sandbox.start()
-    except OSError as exc:
-        print(f"salesrender sandbox: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    print(f"salesrender sandbox: {sandbox.api_url}", flush=True)
-    try:
-        while not stop.wait(0.2):
-            pass
-    finally:
-        sandbox.stop()
-    return 0
+    return serve_until_signalled(sandbox, "salesrender sandbox")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""HTTP server plumbing shared by the local provider sandboxes (SalesRender, Beeline).
+
+Both sandboxes serve a handler from a background `ThreadingHTTPServer`, read request bodies under the same
+strict rules (Content-Length only, bounded size), log only method, path and status, and run the same
+`python -m` loop (serve until SIGINT/SIGTERM, then stop). Keeping that here means the two cannot drift
+apart; each sandbox brings only its routes, its error bodies and any work of its own on start or stop.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar, Protocol, Self
+from urllib.parse import SplitResult, urlsplit
+
+
+class SandboxError(Exception):
+    """A control-endpoint error carrying the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def allow_methods(method: str, *allowed: str) -> None:
+    """Raise a 405 SandboxError unless a control endpoint takes `method`."""
+    if method not in allowed:
+        raise SandboxError(405, f"use {' or '.join(allowed)}")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A control endpoint's JSON object body (empty means {}); a 400 SandboxError otherwise."""
+    try:
+        value = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise SandboxError(400, "body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise SandboxError(400, "body must be a JSON object")
+    return value
+
+
+class SandboxResponse(Protocol):
+    """What a sandbox handler answers: both sandboxes' `_Response` classes have these attributes."""
+
+    status: int
+    body: bytes
+    content_type: str | None
+    close: bool
+
+
+class SandboxHandler(BaseHTTPRequestHandler):
+    """Request handler base: reads the body, routes `/_sandbox/...` to `sandbox.handle_control`, everything
+    else to `_route`, answers 500 on an unexpected exception, and logs (when `sandbox.verbose`) nothing but
+    method, `_masked_path(path)` and status: queries, headers and bodies carry tokens and phone numbers."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # idle keep-alive connections must not pin threads forever
+    log_name: ClassVar[str]  # prefix of stderr lines, e.g. "beeline sandbox"
+    max_body_bytes: ClassVar[int] = 1 << 20
+    sandbox: Any  # set by SandboxServer.start() on a per-server subclass
+
+    def _masked_path(self, path: str) -> str:
+        """The path as it may be logged (never the query)."""
+        return path
+
+    def _bad_request(self, status: int, message: str) -> SandboxResponse:
+        """The answer to a request whose body cannot be read (411, 413 or 400); the connection is then closed."""
+        raise NotImplementedError
+
+    def _route(self, method: str, url: SplitResult, body: bytes) -> SandboxResponse:
+        """The answer to a request outside `/_sandbox/`."""
+        raise NotImplementedError
+
+    def _internal_error(self, exc: Exception) -> SandboxResponse:
+        """Log an unexpected exception (without personal data) and return the 500 answer."""
+        raise NotImplementedError
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self._log_path = self._masked_path(url.path)
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self._send(self._bad_request(411, "Content-Length required"), close=True)
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > self.max_body_bytes:
+            self._send(self._bad_request(413 if length > 0 else 400, "Bad Content-Length"), close=True)
+            return
+        # Read the body before answering anything so a keep-alive connection stays in sync.
+        body = self.rfile.read(length) if length else b""
+        try:
+            if url.path == "/_sandbox" or url.path.startswith("/_sandbox/"):
+                response = self.sandbox.handle_control(method, url.path, body)
+            else:
+                response = self._route(method, url, body)
+        except Exception as exc:
+            response = self._internal_error(exc)
+        self._send(response)
+
+    def _send(self, response: SandboxResponse, *, close: bool = False) -> None:
+        self.send_response(response.status)
+        if response.content_type:
+            self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        if close or response.close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(response.body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if self.sandbox.verbose:
+            path = getattr(self, "_log_path", "?")
+            sys.stderr.write(f"{self.log_name}: {self.command} {path} {code}\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class SandboxServer:
+    """Start/stop a sandbox's HTTP server in a daemon thread; also usable as `with Sandbox(...) as sb`.
+
+    `start()` serves a fresh subclass of `handler` whose `sandbox` attribute is this instance, so handlers
+    of several sandboxes in one process never share state. Port 0 picks a free port (see `port`).
+    """
+
+    verbose: bool  # read by SandboxHandler.log_request
+
+    def __init__(self, host: str, port: int, *, handler: type[SandboxHandler], thread_name: str):
+        self.host = host
+        self._port = port
+        self._handler = handler
+        self._thread_name = thread_name
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _before_start(self) -> None:
+        """Hook: runs in `start()` just before the server binds (not when already started)."""
+
+    def _before_shutdown(self) -> None:
+        """Hook: runs first in every `stop()`, even when the server is not running."""
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        handler = type("Handler", (self._handler,), {"sandbox": self})
+        self._before_start()
+        self._server = ThreadingHTTPServer((self.host, self._port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=self._thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._before_shutdown()
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server is not None else self._port
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """The URL clients are configured with; sandboxes override it when their API lives under a path."""
+        return self.base_url
+
+
+def serve_until_signalled(sandbox: SandboxServer, name: str) -> int:
+    """The `python -m` loop: start, print "<name>: <api_url>", serve until SIGINT/SIGTERM, stop.
+
+    Returns the exit status: 0 after a signal, 1 when the port cannot be bound (reported on stderr).
+    """
+    stop = threading.Event()
+    # Only set a flag in the handler; the main loop shuts the server down outside signal context.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        sandbox.start()
+    except OSError as exc:
+        print(f"{name}: cannot listen on {sandbox.host}:{sandbox.port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{name}: {sandbox.api_url}", flush=True)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        sandbox.stop()
+    return 0

@@ -80,8 +80,5 @@ def store_rejected(source: str, reason: str, field_name: str, raw: dict) -> str:
 
 
 def rejected_on(day: str) -> list[dict]:
-    """Rejected posts of one UTC day (yyyy-mm-dd), oldest first."""
-    from boto3.dynamodb.conditions import Key
-
-    items = resources.table().query(KeyConditionExpression=Key("pk").eq(f"REJECTED#{day}"))["Items"]
-    return [store.from_dynamo(i) for i in items]
+    """Rejected posts of one UTC day (yyyy-mm-dd), oldest first (all pages, unlike a single query)."""
+    return store.query(f"REJECTED#{day}")

@@ -54,7 +54,7 @@ package: install
 
 ## Re-drive a dead-letter queue: make replay-dlq QUEUE=intake (AWS_ENDPOINT_URL for the local stack).
 replay-dlq: install
-	CALLBRIDGE_STAGE=$(STAGE) $(PY) -m functions.replay_dlq $(QUEUE)
+	CALLBRIDGE_STAGE=$(STAGE) $(PY) -m functions.core.replay_dlq $(QUEUE)
 
 clean:
 	rm -rf $(VENV) build .chalice/deployments .pytest_cache .ruff_cache

@@ -1,14 +1,14 @@
 """callbridge: every Chalice decorator lives here, each a thin wrapper around code in functions/.
 
 Handlers import their modules on first call: each Lambda (the API and every worker) pays at cold
-start only for the code it runs. Queue names come from functions.resources, so the decorators, the
+start only for the code it runs. Queue names come from functions.core.resources, so the decorators, the
 CloudFormation template and the local stack agree.
 """
 
 from chalice import Chalice, ConvertToMiddleware, Rate, Response
 
-from functions import resources
-from functions.observability import logger
+from functions.core import resources
+from functions.core.observability import logger
 
 app = Chalice(app_name="callbridge")
 app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context))
@@ -34,11 +34,11 @@ def health():
 
 @app.route("/webhooks/tilda", methods=["POST"], content_types=FORM_TYPES)
 def tilda_webhook():
-    from functions import intake
+    from functions.intake import tilda_webhook
 
     request = app.current_request
     return _reply(
-        intake.receive_tilda(
+        tilda_webhook.receive_tilda(
             request.raw_body,
             request.headers.get("content-type"),
             _headers(request),
@@ -49,41 +49,41 @@ def tilda_webhook():
 
 @app.route("/v1/calls", methods=["POST"], content_types=["application/json"])
 def create_call():
-    from functions import calls_api
+    from functions.calling import manual_calls
 
     request = app.current_request
-    return _reply(calls_api.create(request.raw_body, _headers(request)))
+    return _reply(manual_calls.create(request.raw_body, _headers(request)))
 
 
 @app.route("/v1/calls/{call_id}", methods=["GET"])
 def read_call(call_id):
-    from functions import calls_api
+    from functions.calling import manual_calls
 
-    return _reply(calls_api.read(call_id, _headers(app.current_request)))
+    return _reply(manual_calls.read(call_id, _headers(app.current_request)))
 
 
 @app.route("/webhooks/beeline/{secret}", methods=["POST"],
            content_types=["application/xml", "text/xml", "application/octet-stream"])
 def beeline_webhook(secret):
-    from functions.beeline import webhook
+    from functions.tracking import beeline_webhook
 
     request = app.current_request
     source_ip = ((request.context or {}).get("identity") or {}).get("sourceIp")
-    return _reply(webhook.receive(secret, request.raw_body, source_ip))
+    return _reply(beeline_webhook.receive(secret, request.raw_body, source_ip))
 
 
 @app.route("/v1/recordings/{call_id}", methods=["GET"])
 def recording_link(call_id):
-    from functions import recordings
+    from functions.postcall import recording_links
 
     request = app.current_request
-    return _reply(recordings.redirect(call_id, dict(request.query_params or {}), _headers(request)))
+    return _reply(recording_links.redirect(call_id, dict(request.query_params or {}), _headers(request)))
 
 
 @app.on_sqs_message(queue=resources.queue_name("intake"), batch_size=1)
 def intake_worker(event):
-    from functions import intake_worker as worker
-    from functions import queues
+    from functions.core import queues
+    from functions.intake import order_worker as worker
 
     for record in event:
         queues.run("intake", record, lambda body: worker.process(body, event.context))
@@ -91,7 +91,8 @@ def intake_worker(event):
 
 @app.on_sqs_message(queue=resources.queue_name("callbacks"), batch_size=1)
 def callback_worker(event):
-    from functions import dialer, queues
+    from functions.calling import dialer
+    from functions.core import queues
 
     for record in event:
         queues.run("callbacks", record, dialer.process)
@@ -99,21 +100,22 @@ def callback_worker(event):
 
 @app.on_sqs_message(queue=resources.queue_name("recordings"), batch_size=1)
 def recording_worker(event):
-    from functions import post_call, queues
+    from functions.core import queues
+    from functions.postcall import recorder
 
     for record in event:
-        queues.run("recordings", record, post_call.process)
+        queues.run("recordings", record, recorder.process)
 
 
 @app.schedule(Rate(5, unit=Rate.MINUTES))
 def subscription_keeper(event):
-    from functions import subscriptions
+    from functions.tracking import subscriptions
 
     subscriptions.keep()
 
 
 @app.schedule(Rate(5, unit=Rate.MINUTES))
 def call_reconciler(event):
-    from functions import reconciler
+    from functions.tracking import reconciler
 
     reconciler.reconcile()

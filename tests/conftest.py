@@ -45,15 +45,16 @@ EVENTS = ROOT / "events"
 
 
 def _clear_caches() -> None:
-    from functions import config, intake_worker, resources
-    from functions.beeline import client as beeline
-    from functions.salesrender import client as salesrender
+    from functions.core import config, resources
+    from functions.intake import order_worker
+    from functions.providers.beeline import client as beeline
+    from functions.providers.salesrender import client as salesrender
 
     resources.reset()
     config.load.cache_clear()
     salesrender.default_client.cache_clear()
     beeline.default_client.cache_clear()
-    intake_worker._create_order_once.cache_clear()
+    order_worker._create_order_once.cache_clear()
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def use_config(monkeypatch, tmp_path):
     """Point CALLBRIDGE_CONFIG at a variant of config/local.yaml: use_config(lambda doc: ...)."""
     import yaml
 
-    from functions import config
+    from functions.core import config
 
     def apply(change):
         document = yaml.safe_load((ROOT / "config" / "local.yaml").read_text(encoding="utf-8"))
@@ -99,7 +100,7 @@ def client(aws):
 
 @pytest.fixture
 def salesrender_sandbox(monkeypatch):
-    from functions.salesrender import client as salesrender
+    from functions.providers.salesrender import client as salesrender
     from infra.local.salesrender_sandbox import SalesRenderSandbox
 
     with SalesRenderSandbox(token=os.environ["SALESRENDER_API_TOKEN"]).start() as sandbox:
@@ -114,7 +115,7 @@ def log_output():
     """What the Powertools logger writes, as the JSON lines CloudWatch would get."""
     import io
 
-    from functions.observability import logger
+    from functions.core.observability import logger
 
     buffer = io.StringIO()
     previous = logger.registered_handler.setStream(buffer)
@@ -125,7 +126,7 @@ def log_output():
 @pytest.fixture
 def beeline_sandbox(monkeypatch):
     """The Beeline sandbox in-process, with time compressed 100x (a 75 s call lasts 0.75 s)."""
-    from functions.beeline import client as beeline
+    from functions.providers.beeline import client as beeline
     from infra.local.beeline_sandbox import BeelineSandbox
 
     # Twelve operator abonents, extensions 200..211 (the default sandbox has 200..202).
@@ -164,7 +165,7 @@ class EventSink:
 
 def receive(kind: str, dlq: bool = False, wait: int = 0, max_messages: int = 10) -> list[dict]:
     """Messages now visible on a queue, with attributes (they become invisible for 30 s)."""
-    from functions import resources
+    from functions.core import resources
 
     return resources.client("sqs").receive_message(
         QueueUrl=resources.queue_url(kind, dlq=dlq), MaxNumberOfMessages=max_messages, WaitTimeSeconds=wait,
@@ -176,7 +177,7 @@ def deliver(kind: str, handler_name: str) -> list[bool]:
     """Deliver every visible message of a queue to an app.py handler in Lambda's event shape, as the
     local runner does (same code): True per message handled and deleted, False per failure."""
     import app
-    from functions import resources
+    from functions.core import resources
     from infra.local.runner import invoke
 
     sqs = resources.client("sqs")

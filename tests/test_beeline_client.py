@@ -7,7 +7,7 @@ import pytest
 import requests
 import responses
 
-from functions.beeline.client import BeelineClient, BeelineError, OriginateUncertain
+from functions.providers.beeline.client import BeelineClient, BeelineError, OriginateUncertain
 
 BASE = "https://pbx.test/apis/portal/"
 

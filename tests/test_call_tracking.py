@@ -14,9 +14,11 @@ from conftest import TILDA_KEY, EventSink, deliver, receive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from functions import budget, call_tracker, calls, channels, leads, operators, store
-from functions.beeline import client as beeline
-from functions.beeline import webhook
+from functions.calling import channels, operators
+from functions.core import store
+from functions.providers.beeline import client as beeline
+from functions.records import calls, leads, spend
+from functions.tracking import beeline_webhook, tracker
 
 SECRET = "test-beeline-secret"
 FORM = "application/x-www-form-urlencoded"
@@ -67,7 +69,7 @@ def test_answered_call_is_tracked_to_its_end(stack):
     call = calls.get(call_id)
     assert call["outcome"] == "answered" and call["talk_seconds"] == 75
     assert call["cost_rub"] == 4.0  # 75 s = 2 started minutes x 2 RUB
-    assert budget.spent() == 4.0
+    assert spend.spent() == 4.0
     assert leads.get(lead_id)["state"] == "done"
     assert channels.busy("Beeline_Main", 5) == 0
     assert "busy_call" not in (store.get({"pk": "OPERATOR#200", "sk": "STATE"}) or {})
@@ -138,16 +140,16 @@ def test_any_order_and_duplication_of_events_ends_the_same(stack, phone):
         docs = _rewrite(events, ext, salt=str(n))
         sequence = [docs[i] for i in picks]
         rnd.shuffle(sequence)
-        spent_before = budget.spent()
+        spent_before = spend.spent()
         sent_before = len(receive_all_jobs())
         for body in sequence:
-            assert webhook.receive(SECRET, body, "127.0.0.1").status == 200
+            assert beeline_webhook.receive(SECRET, body, "127.0.0.1").status == 200
         call = calls.get(call_id)
         for key in ("state", "outcome", "talk_seconds", "cost_rub", "answered_at", "ended_at"):
             assert call.get(key) == reference.get(key), key
-        assert budget.spent() - spent_before == pytest.approx(reference["cost_rub"] or 0)
+        assert spend.spent() - spent_before == pytest.approx(reference["cost_rub"] or 0)
         assert len(receive_all_jobs()) - sent_before == 1
-        assert call_tracker.bound_call(ext) == call_id
+        assert tracker.bound_call(ext) == call_id
 
     check()
 
@@ -170,7 +172,7 @@ def test_wrong_secret_is_404_and_stores_nothing(client, monkeypatch):
     monkeypatch.setenv("BEELINE_WEBHOOK_SECRET", SECRET)
     body = _event("CallAnsweredEvent", "Originator", "Active", answer=True)
     assert post_event(client, body, secret="wrong").status_code == 404
-    from functions import resources
+    from functions.core import resources
 
     assert resources.table().scan()["Items"] == []
 
@@ -203,7 +205,7 @@ def test_unknown_types_and_duplicates_are_acknowledged_once(client, monkeypatch)
     body = _event("CallUpdatedEvent", "Originator", "Active", answer=True)
     assert post_event(client, body).status_code == 200
     assert post_event(client, body).status_code == 200
-    from functions import resources
+    from functions.core import resources
 
     stored = [i for i in resources.table().scan()["Items"] if i["sk"].startswith("EVENT#")]
     assert len(stored) == 1
@@ -242,7 +244,7 @@ def test_namespace_prefixes_do_not_matter(client, monkeypatch):
     monkeypatch.setenv("BEELINE_WEBHOOK_SECRET", SECRET)
     body = _event("CallUpdatedEvent", "Originator", "Active", answer=True, prefix="ns7")
     assert post_event(client, body).status_code == 200
-    from functions import resources
+    from functions.core import resources
 
     [stored] = [i for i in resources.table().scan()["Items"] if i["sk"].startswith("EVENT#")]
     assert stored["pk"] == "TRACK#77000001:1" and stored["leg"]["personality"] == "Originator"
@@ -260,7 +262,7 @@ def test_inbound_call_from_an_unknown_number_creates_a_lead_and_an_order(client,
     release = _event("CallReleasedEvent", "Terminator", "Released", ext="88000001:1", remote="tel:+79997770011",
                      redirect="tel:+74951234567", answer=True, release=True)
     assert post_event(client, release).status_code == 200
-    call = calls.get(call_tracker.bound_call("88000001:1"))
+    call = calls.get(tracker.bound_call("88000001:1"))
     assert call["direction"] == "inbound" and call["outcome"] == "answered" and call["talk_seconds"] == 40
     assert leads.get(lead["lead_id"])["called_by_person_at"]  # the dialer will not call them back
 
@@ -270,7 +272,7 @@ def test_inbound_call_from_a_known_number_attaches_to_its_lead(stack):
     ring = _event("CallReceivedEvent", "Terminator", "Alerting", ext="88000002:1", remote="tel:+79991115566",
                   redirect="tel:+74951234568")
     assert post_event(stack["client"], ring).status_code == 200
-    call = calls.get(call_tracker.bound_call("88000002:1"))
+    call = calls.get(tracker.bound_call("88000002:1"))
     assert call["lead_id"] == lead_id
     assert receive("intake") == []  # no second lead, no second order
 
@@ -278,15 +280,15 @@ def test_inbound_call_from_a_known_number_attaches_to_its_lead(stack):
 def test_events_for_no_known_call_are_kept_not_failed(client, pbx):
     body = _event("CallOriginatedEvent", "Click-to-Dial", "Alerting", ext="99000001:1", target="nobody@x")
     assert post_event(client, body).status_code == 200
-    assert call_tracker.bound_call("99000001:1") is None
+    assert tracker.bound_call("99000001:1") is None
 
 
 def test_a_failure_after_storing_is_acknowledged_and_healed_by_the_next_event(stack, monkeypatch):
     _, call_id, events = place_call(stack)
-    real = call_tracker.refresh
-    monkeypatch.setattr(call_tracker, "refresh", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = tracker.refresh
+    monkeypatch.setattr(tracker, "refresh", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     assert post_event(stack["client"], events[-1]).status_code == 200  # the release, first and failing
-    monkeypatch.setattr(call_tracker, "refresh", real)
+    monkeypatch.setattr(tracker, "refresh", real)
     assert calls.get(call_id)["state"] != "ended"
     post_event(stack["client"], events[0])
     assert calls.get(call_id)["outcome"] == "answered"

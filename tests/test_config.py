@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from functions import config
+from functions.core import config
 
 LOCAL = yaml.safe_load((ROOT / "config" / "local.yaml").read_text(encoding="utf-8"))
 

@@ -12,7 +12,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import TILDA_KEY, deliver, receive
 
-from functions import budget, calls, dialer, dnc, leads, resources
+from functions.calling import dialer, dnc
+from functions.core import resources
+from functions.records import calls, leads, spend
 from infra.local.runner import LambdaContext, sqs_event
 
 FORM = "application/x-www-form-urlencoded"
@@ -107,7 +109,7 @@ def test_do_not_call_list_stops_the_call(stack):
 
 def test_spent_budget_stops_automatic_callbacks(stack):
     lead_id = new_lead(stack)
-    budget.add(5000.0)
+    spend.add(5000.0)
     assert deliver("callbacks", "callback_worker") == [True]
     assert originates(stack["pbx"]) == [] and leads.get(lead_id)["finished_reason"] == "budget_exhausted"
 
@@ -120,7 +122,7 @@ def test_operator_on_break_is_skipped(stack):
 
 
 def test_least_recently_called_picks_the_longest_idle_operator(stack, use_config):
-    from functions import operators
+    from functions.calling import operators
 
     use_config(lambda doc: doc["offers"][0].update(distribution="least_recently_called",
                                                    operators=["200", "201", "202"]))
@@ -204,7 +206,7 @@ def test_attempt_beyond_the_cap_is_not_dialled(stack):
 
 
 def test_originate_that_never_landed_is_retried_and_dials_once(stack, monkeypatch):
-    from functions import queues
+    from functions.core import queues
 
     monkeypatch.setattr(queues, "backoff_seconds", lambda n: 0)
     lead_id = new_lead(stack)
@@ -216,7 +218,7 @@ def test_originate_that_never_landed_is_retried_and_dials_once(stack, monkeypatc
 
 
 def test_uncertain_originate_is_never_dialled_again(stack, monkeypatch):
-    from functions.beeline import client as beeline
+    from functions.providers.beeline import client as beeline
 
     monkeypatch.setattr(beeline, "TIMEOUT", (1, 0.3))
     beeline.default_client.cache_clear()
@@ -265,7 +267,7 @@ def test_callback_messages_in_lambda_shape_are_validated(aws):
 
 
 def test_a_lease_whose_release_was_lost_expires_by_itself(aws, monkeypatch):
-    from functions import channels
+    from functions.calling import channels
 
     monkeypatch.setenv("CHANNEL_LEASE_SECONDS", "60")
     t0 = 1_800_000_000

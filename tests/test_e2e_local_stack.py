@@ -21,7 +21,7 @@ import boto3
 import pytest
 import requests
 
-from functions import calls, leads
+from functions.records import calls, leads
 from infra.local import stack as local_stack
 
 pytestmark = pytest.mark.e2e

@@ -250,7 +250,7 @@ def test_deploy_rejects_bad_parameters_before_creating_anything(aws):
 
 
 def test_env_matches_functions_resources_defaults(aws, monkeypatch):
-    from functions import resources
+    from functions.core import resources
 
     env = stack.deploy(stage="local")
     assert set(env) == ENV_KEYS

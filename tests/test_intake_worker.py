@@ -12,7 +12,8 @@ from urllib.parse import urlencode
 import pytest
 from conftest import EVENTS, TILDA_KEY, bodies, deliver, receive
 
-from functions import leads, queues, replay_dlq, resources
+from functions.core import queues, replay_dlq, resources
+from functions.records import leads
 from infra.local.runner import LambdaContext
 
 FORM = "application/x-www-form-urlencoded"
@@ -118,7 +119,7 @@ def test_duplicate_intake_messages_create_one_order_and_one_callback(client, sal
 
 
 def test_concurrent_workers_on_one_lead_create_one_order(client, salesrender_sandbox, no_backoff):
-    from functions import intake_worker
+    from functions.intake import order_worker
 
     lead_id = post_lead(client)
     salesrender_sandbox.add_fault(1, delay_seconds=1.0, operation="addOrder")  # the first is slow
@@ -126,7 +127,7 @@ def test_concurrent_workers_on_one_lead_create_one_order(client, salesrender_san
 
     def work():
         try:
-            intake_worker.process({"lead_id": lead_id}, LambdaContext("callbridge-test-intake_worker"))
+            order_worker.process({"lead_id": lead_id}, LambdaContext("callbridge-test-intake_worker"))
             outcomes.append("done")
         except queues.Transient:
             outcomes.append("retry later")
@@ -138,7 +139,7 @@ def test_concurrent_workers_on_one_lead_create_one_order(client, salesrender_san
         t.join()
     assert len(salesrender_sandbox.orders()) == 1
     assert "done" in outcomes and set(outcomes) <= {"done", "retry later"}
-    intake_worker.process({"lead_id": lead_id})  # a later retry gets the stored order back
+    order_worker.process({"lead_id": lead_id})  # a later retry gets the stored order back
     assert len(salesrender_sandbox.orders()) == 1
 
 
@@ -150,7 +151,7 @@ def test_transient_failure_is_retried_with_backoff_then_succeeds(client, salesre
     lead_id = post_lead(client)
     if fault.get("delay_seconds") == 0:  # SalesRender unreachable
         monkeypatch.setenv("SALESRENDER_API_URL", "http://127.0.0.1:9/companies/1/CRM")
-        from functions.salesrender import client as salesrender
+        from functions.providers.salesrender import client as salesrender
 
         salesrender.default_client.cache_clear()
         assert redeliver() == [False]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from functions.observability import PhoneMaskingFormatter, logger
+from functions.core.observability import PhoneMaskingFormatter, logger
 
 MASKED = "+7 999 ***-**-33"
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from functions.phones import InvalidPhone, mask, national_digits, normalise, redact, show
+from functions.core.phones import InvalidPhone, mask, national_digits, normalise, redact, show
 
 E164 = "+79991112233"
 MASKED = "+7 999 ***-**-33"

@@ -14,11 +14,14 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import TILDA_KEY, EventSink, _clear_caches, bodies, deliver, receive
 
-from functions import calls, config, intake_worker, leads, post_call, recordings, resources, store
-from functions.beeline import client as beeline
-from functions.queues import Poison, Transient
-from functions.salesrender import client as salesrender
-from functions.salesrender.orders import add_order_input
+from functions.core import config, resources, store
+from functions.core.queues import Poison, Transient
+from functions.intake import order_worker
+from functions.postcall import recorder, recording_links
+from functions.providers.beeline import client as beeline
+from functions.providers.salesrender import client as salesrender
+from functions.providers.salesrender.orders import add_order_input
+from functions.records import calls, leads
 
 PHONE = "+79991112255"  # ends in 55: the sandbox answers it
 
@@ -47,7 +50,7 @@ def aws(_module_aws, monkeypatch):
         monkeypatch.setenv(key, value)
     # Not resources.reset(): new boto3 clients reload their service models (most of a test's setup).
     config.load.cache_clear()
-    intake_worker._create_order_once.cache_clear()
+    order_worker._create_order_once.cache_clear()
     table = resources.table()
     scan = {"ProjectionExpression": "pk, sk"}
     while True:
@@ -171,10 +174,10 @@ def s3_objects() -> list[str]:
 
 
 def record_and_write_back(call_id: str) -> None:
-    post_call.process({"job": "recording", "call_id": call_id})
+    recorder.process({"job": "recording", "call_id": call_id})
     jobs = bodies(receive("recordings"))
     assert jobs == [{"job": "writeback", "call_id": call_id}]
-    post_call.process(jobs[0])
+    recorder.process(jobs[0])
 
 
 # --- the recording job ---------------------------------------------------------------------------------
@@ -197,8 +200,8 @@ def test_recording_lands_in_s3_encrypted_under_lead_and_call_once(env, s3_puts):
     lead_id = make_lead()
     simulated = pbx_call(env["pbx"])
     call_id = make_call(lead_id, simulated)
-    post_call.process({"job": "recording", "call_id": call_id})
-    post_call.process({"job": "recording", "call_id": call_id})  # a duplicate delivery
+    recorder.process({"job": "recording", "call_id": call_id})
+    recorder.process({"job": "recording", "call_id": call_id})  # a duplicate delivery
 
     ended = _ms(simulated["release_time"])
     key = f"recordings/{ended:%Y/%m/%d}/lead-{lead_id}/call-{call_id}.mp3"
@@ -212,11 +215,11 @@ def test_recording_lands_in_s3_encrypted_under_lead_and_call_once(env, s3_puts):
     assert [p["ServerSideEncryption"] for p in s3_puts] == ["AES256"]
     audio = s3.get_object(Bucket=resources.bucket_name(), Key=key)["Body"].read()
     [record] = env["pbx"].records()
-    assert len(audio) == record["fileSize"] and post_call.is_mp3(audio)
+    assert len(audio) == record["fileSize"] and recorder.is_mp3(audio)
 
     call = calls.get(call_id)
     assert call["recording_state"] == "stored" and call["recording_key"] == key
-    assert call["recording_url"] == recordings.link(call_id)
+    assert call["recording_url"] == recording_links.link(call_id)
     assert call["recording_url"].startswith(f"https://calls.example.test/v1/recordings/{call_id}?sig=")
     assert call["short_call"] is False  # 75 s
     assert bodies(receive("recordings")) == [{"job": "writeback", "call_id": call_id}]  # one, not two
@@ -235,12 +238,12 @@ def test_download_falls_back_to_the_records_list(env):
     # No userId known: the by-call download cannot be addressed; the list finds it by externalId.
     by_id = make_call(make_lead(), pbx_call(env["pbx"]), target_id=None)
     assert "target_id" not in calls.get(by_id)
-    post_call.process({"job": "recording", "call_id": by_id})
+    recorder.process({"job": "recording", "call_id": by_id})
     assert calls.get(by_id)["recording_state"] == "stored"
     # An extTrackingId the PBX does not know: the list finds it by phone and time.
     other = "+79991112277"
     by_phone = make_call(make_lead(phone=other), pbx_call(env["pbx"], phone=other), ext="12345678:1")
-    post_call.process({"job": "recording", "call_id": by_phone})
+    recorder.process({"job": "recording", "call_id": by_phone})
     assert calls.get(by_phone)["recording_state"] == "stored"
     assert len(s3_objects()) == 2
 
@@ -252,7 +255,7 @@ def test_a_recording_of_another_number_or_another_time_is_not_taken(env):
                       ended_at=_ms(simulated["release_time"]) + dt.timedelta(minutes=5))
     for call_id in (other_number, later):
         with pytest.raises(Transient):
-            post_call.process({"job": "recording", "call_id": call_id})
+            recorder.process({"job": "recording", "call_id": call_id})
     assert s3_objects() == []
 
 
@@ -260,7 +263,7 @@ def test_recording_not_ready_within_30_minutes_is_transient(env):
     env["pbx"].recording_delay_seconds = 100_000  # the file appears long after the call
     call_id = make_call(make_lead(), pbx_call(env["pbx"]))
     with pytest.raises(Transient, match="not ready"):
-        post_call.process({"job": "recording", "call_id": call_id})
+        recorder.process({"job": "recording", "call_id": call_id})
     assert s3_objects() == []
     assert receive("recordings") == []  # no write-back yet: it waits for the file
     assert "recording_state" not in calls.get(call_id)
@@ -272,7 +275,7 @@ def test_download_that_is_not_audio_is_not_ready(env, monkeypatch):
     monkeypatch.setattr(client, "download_record", lambda *_: b"<html>maintenance</html>")
     monkeypatch.setattr(client, "download_record_by_id", lambda *_: b"<html>maintenance</html>")
     with pytest.raises(Transient):
-        post_call.process({"job": "recording", "call_id": call_id})
+        recorder.process({"job": "recording", "call_id": call_id})
     assert s3_objects() == []
 
 
@@ -281,7 +284,7 @@ def test_download_that_is_not_audio_is_not_ready(env, monkeypatch):
     (b'{"errorCode":"RecordNotFound"}', False), (b"<html>503</html>", False), (b"", False), (b"\xff\x1f", False),
 ])
 def test_mp3_check(data, ok):
-    assert post_call.is_mp3(data) is ok
+    assert recorder.is_mp3(data) is ok
 
 
 def test_after_30_minutes_the_recording_is_missing_and_the_write_back_still_happens(env):
@@ -305,7 +308,7 @@ def test_beeline_outage_after_30_minutes_keeps_retrying(env, monkeypatch):
     monkeypatch.setattr(beeline.default_client(), "download_record", down)
     monkeypatch.setattr(beeline.default_client(), "records", down)
     with pytest.raises(Transient, match="Beeline unavailable"):
-        post_call.process({"job": "recording", "call_id": call_id})
+        recorder.process({"job": "recording", "call_id": call_id})
     assert "recording_state" not in calls.get(call_id)
 
 
@@ -321,7 +324,7 @@ def test_write_back_puts_the_call_line_on_the_order_idempotently(env):
     expected = f"{started:%Y-%m-%d %H:%M} МСК · оператор 200 · ответил · 1:15 · запись: {call['recording_url']}"
     assert call_log(env["crm"], lead_id) == expected
     assert call["written_back_at"]
-    post_call.process({"job": "writeback", "call_id": call_id})  # again: the same text
+    recorder.process({"job": "writeback", "call_id": call_id})  # again: the same text
     assert call_log(env["crm"], lead_id) == expected
     assert len(update_orders(env["crm"])) == 2
 
@@ -331,7 +334,7 @@ def test_two_calls_make_two_lines_oldest_first_whatever_order_jobs_run(env):
     first = make_call(lead_id, None, 1, outcome="no_answer", ended_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
     second = make_call(lead_id, pbx_call(env["pbx"]), 2)
     record_and_write_back(second)
-    post_call.process({"job": "writeback", "call_id": first})  # the older call's job runs last
+    recorder.process({"job": "writeback", "call_id": first})  # the older call's job runs last
     lines = call_log(env["crm"], lead_id).split("\n")
     assert len(lines) == 2
     assert lines[0].endswith("МСК · оператор 200 · нет ответа")
@@ -342,7 +345,7 @@ def test_line_uses_the_offer_time_zone(crm, use_config):
     use_config(lambda doc: doc["offers"][0]["working_hours"].update(timezone="Asia/Yekaterinburg"))
     lead_id = make_lead()
     call_id = make_call(lead_id, outcome="busy", ended_at=dt.datetime(2026, 11, 25, 11, 4, 25, tzinfo=dt.UTC))
-    post_call.process({"job": "writeback", "call_id": call_id})
+    recorder.process({"job": "writeback", "call_id": call_id})
     assert call_log(crm, lead_id) == "2026-11-25 16:03 UTC+5 · оператор 200 · занято"  # started 11:03 UTC
 
 
@@ -351,9 +354,9 @@ def test_salesrender_503_is_transient_then_lands(crm):
     call_id = make_call(lead_id, outcome="busy")
     crm.add_fault(count=3, status=503, operation="updateOrder")  # 3: the client retries a 503 twice inline
     with pytest.raises(Transient):
-        post_call.process({"job": "writeback", "call_id": call_id})
+        recorder.process({"job": "writeback", "call_id": call_id})
     assert call_log(crm, lead_id) is None and "written_back_at" not in calls.get(call_id)
-    post_call.process({"job": "writeback", "call_id": call_id})
+    recorder.process({"job": "writeback", "call_id": call_id})
     assert call_log(crm, lead_id).endswith("оператор 200 · занято")
 
 
@@ -361,43 +364,43 @@ def test_salesrender_permanent_error_is_poison_with_the_reason(crm):
     call_id = make_call(make_lead(), outcome="busy")
     crm.add_fault(graphql_error="ERR_ORDER_NOT_FOUND", operation="updateOrder")
     with pytest.raises(Poison, match="ERR_ORDER_NOT_FOUND") as caught:
-        post_call.process({"job": "writeback", "call_id": call_id})
+        recorder.process({"job": "writeback", "call_id": call_id})
     assert caught.value.code == "ERR_ORDER_NOT_FOUND"
 
 
 def test_offer_without_call_log_field_writes_nothing(crm, use_config):
     use_config(lambda doc: doc["offers"][0]["salesrender"]["fields"].update(call_log=None))
     call_id = make_call(make_lead(), outcome="busy")
-    post_call.process({"job": "writeback", "call_id": call_id})
+    recorder.process({"job": "writeback", "call_id": call_id})
     assert update_orders(crm) == []
-    assert [s.name for s in post_call.sinks()] == ["call_log_field"]
+    assert [s.name for s in recorder.sinks()] == ["call_log_field"]
 
 
 def test_lead_without_an_order_yet_is_transient(crm):
     call_id = make_call(make_lead(order=False), outcome="busy")
     with pytest.raises(Transient, match="no CRM order"):
-        post_call.process({"job": "writeback", "call_id": call_id})
+        recorder.process({"job": "writeback", "call_id": call_id})
 
 
 @pytest.mark.parametrize("message", [{"job": "transcribe", "call_id": "x"}, {"job": "recording"}, {}])
 def test_unknown_or_malformed_jobs_are_poison(message):
     with pytest.raises(Poison):
-        post_call.process(message)
+        recorder.process(message)
 
 
 def test_unknown_call_is_poison(aws):
     with pytest.raises(Poison, match="does not exist"):
-        post_call.process({"job": "writeback", "call_id": "no-such-call"})
+        recorder.process({"job": "writeback", "call_id": "no-such-call"})
 
 
 def test_logs_hold_no_full_phone(env, log_output):
     lead_id = make_lead()
     call_id = make_call(lead_id, pbx_call(env["pbx"]))
     env["crm"].add_fault(graphql_error="ERR_ORDER_LOCKED", operation="updateOrder")
-    post_call.process({"job": "recording", "call_id": call_id})
+    recorder.process({"job": "recording", "call_id": call_id})
     with pytest.raises(Transient):
-        post_call.process({"job": "writeback", "call_id": call_id})
-    post_call.process({"job": "writeback", "call_id": call_id})
+        recorder.process({"job": "writeback", "call_id": call_id})
+    recorder.process({"job": "writeback", "call_id": call_id})
     text = log_output.getvalue()
     assert "recording stored" in text and "write-back failed" in text and "call written back" in text
     assert "9991112255" not in text and "999 111 22 55" not in text and "999111" not in text

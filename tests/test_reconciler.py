@@ -11,9 +11,12 @@ import uuid
 import pytest
 from conftest import receive
 
-from functions import call_tracker, calls, channels, leads, operators, queues, reconciler, store
-from functions.beeline import client as beeline
-from functions.beeline.events import CallData, XsiEvent
+from functions.calling import channels, operators
+from functions.core import queues, store
+from functions.providers.beeline import client as beeline
+from functions.providers.beeline.events import CallData, XsiEvent
+from functions.records import calls, leads
+from functions.tracking import reconciler, tracker
 
 PROVIDER = "Beeline_Main"
 OPERATOR_USER_ID = "SIP0343PU200QK@ip.beeline.ru"  # extension 200 in the conftest sandbox
@@ -60,7 +63,7 @@ def sent(monkeypatch):
 
 @pytest.fixture
 def no_backoff(monkeypatch):
-    from functions import http
+    from functions.core import http
 
     real = http.idempotent_retry
     monkeypatch.setattr(http, "idempotent_retry", lambda total=3: real(total).new(backoff_factor=0))
@@ -76,9 +79,9 @@ def stored_release(call_id: str, ext: str, *, answered: bool = True) -> None:
                      start_ms=start, answer_ms=start + 10_000 if answered else None, release_ms=start + 52_000,
                      releasing_party="remoteRelease")]
     for leg, kind in zip(legs, ("CallOriginatedEvent", "CallReleasedEvent"), strict=True):
-        assert call_tracker.record(XsiEvent(event_id=str(uuid.uuid4()), event_type=kind, target_id=OPERATOR_USER_ID,
+        assert tracker.record(XsiEvent(event_id=str(uuid.uuid4()), event_type=kind, target_id=OPERATOR_USER_ID,
                                             call=leg))
-    assert call_tracker.bind(ext, call_id, OPERATOR_USER_ID) == call_id
+    assert tracker.bind(ext, call_id, OPERATOR_USER_ID) == call_id
 
 
 def test_a_stuck_call_without_statistics_expires_and_frees_everything(aws, beeline_sandbox, sent):

@@ -11,7 +11,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 import requests
 
-from functions import calls, recordings, resources, store
+from functions.core import resources, store
+from functions.postcall import recording_links
+from functions.records import calls
 
 SECRET = "test-link-secret"
 AUDIO = bytes((0xFF, 0xFB, 0x14, 0xC0)) + bytes(92)
@@ -29,7 +31,7 @@ def stored(aws, monkeypatch):
                   ServerSideEncryption="AES256")
     store.put_new({"pk": f"CALL#{call_id}", "sk": "CALL"}, {
         "call_id": call_id, "lead_id": "L1", "state": "ended", "outcome": "answered", "recording_key": key,
-        "recording_state": "stored", "recording_url": recordings.link(call_id)})
+        "recording_state": "stored", "recording_url": recording_links.link(call_id)})
     return {"call_id": call_id, "key": key}
 
 
@@ -45,18 +47,18 @@ def get(client, call_id: str, query: str = "", headers: dict | None = None):
 def test_link_is_the_app_url_with_an_hmac_of_the_call_id(stored):
     call_id = stored["call_id"]
     expected = hmac.new(SECRET.encode(), call_id.encode(), hashlib.sha256).hexdigest()
-    assert recordings.link(call_id) == f"https://calls.example.test/v1/recordings/{quote(call_id)}?sig={expected}"
-    assert calls.get(call_id)["recording_url"] == recordings.link(call_id)
+    assert recording_links.link(call_id) == f"https://calls.example.test/v1/recordings/{quote(call_id)}?sig={expected}"
+    assert calls.get(call_id)["recording_url"] == recording_links.link(call_id)
 
 
 def test_default_base_url_is_the_local_app(monkeypatch):
     monkeypatch.setenv("RECORDING_LINK_SECRET", SECRET)
     monkeypatch.delenv("PUBLIC_BASE_URL", raising=False)
-    assert recordings.link("c1").startswith("http://127.0.0.1:8000/v1/recordings/c1?sig=")
+    assert recording_links.link("c1").startswith("http://127.0.0.1:8000/v1/recordings/c1?sig=")
 
 
 def test_signed_link_redirects_to_a_short_lived_presigned_url(client, stored):
-    response = client.http.get(path_of(recordings.link(stored["call_id"])))
+    response = client.http.get(path_of(recording_links.link(stored["call_id"])))
     assert response.status_code == 302
     assert response.headers["Cache-Control"] == "no-store"
     location = response.headers["Location"]
@@ -77,7 +79,7 @@ def test_bearer_token_works_without_a_signature(client, stored):
 
 
 def test_bad_signature_or_token_is_403(client, stored):
-    other_call = recordings.link(str(uuid.uuid4())).split("?", 1)[1]
+    other_call = recording_links.link(str(uuid.uuid4())).split("?", 1)[1]
     for query, headers in [
         ("", {}),
         ("sig=", {}),
@@ -95,7 +97,7 @@ def test_bad_signature_or_token_is_403(client, stored):
 
 def test_unknown_call_or_no_stored_recording_is_404(client, stored):
     unknown = str(uuid.uuid4())
-    response = client.http.get(path_of(recordings.link(unknown)))
+    response = client.http.get(path_of(recording_links.link(unknown)))
     assert response.status_code == 404 and response.json_body["field"] == "call_id"
     pending = str(uuid.uuid4())
     store.put_new({"pk": f"CALL#{pending}", "sk": "CALL"}, {"call_id": pending, "state": "ended",

@@ -18,10 +18,10 @@ import responses
 from responses import registries
 from urllib3.util.retry import Retry
 
-from functions import config, http
-from functions.salesrender import client as sr
-from functions.salesrender.client import SalesRenderClient, SalesRenderError
-from functions.salesrender.orders import add_order_input
+from functions.core import config, http
+from functions.providers.salesrender import client as sr
+from functions.providers.salesrender.client import SalesRenderClient, SalesRenderError
+from functions.providers.salesrender.orders import add_order_input
 
 URL = "https://salesrender.test/companies/1/CRM"
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.test.token"

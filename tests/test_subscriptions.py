@@ -12,8 +12,9 @@ import uuid
 import pytest
 import requests
 
-from functions import store, subscriptions
-from functions.beeline import client as beeline
+from functions.core import store
+from functions.providers.beeline import client as beeline
+from functions.tracking import subscriptions
 
 BASE = "http://127.0.0.1:9"  # nothing listens: the sandbox's event posts fail at once, nothing waits
 SECRET = "sub-test-secret"
@@ -35,7 +36,7 @@ def pbx(aws, beeline_sandbox, env):
 @pytest.fixture
 def no_backoff(monkeypatch):
     """urllib3 retries the 503s with 1 s + 2 s of backoff; the same retries without the sleeping."""
-    from functions import http
+    from functions.core import http
 
     real = http.idempotent_retry
     monkeypatch.setattr(http, "idempotent_retry", lambda total=3: real(total).new(backoff_factor=0))

@@ -10,9 +10,9 @@ from conftest import EVENTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from functions import tilda
-from functions.config import TildaFields
-from functions.tilda import BadPost, Product, extract, is_test, nest, parse_body, parse_utm
+from functions.core.config import TildaFields
+from functions.intake import tilda_form
+from functions.intake.tilda_form import BadPost, Product, extract, is_test, nest, parse_body, parse_utm
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -109,7 +109,7 @@ def test_mixed_numeric_and_named_keys_stay_a_dict():
 def test_keys_deeper_than_max_depth_are_dropped():
     deepest = "payment[products][0][options][0][variant]"  # MAX_DEPTH parts: kept
     too_deep = "payment[products][0][options][0][variant][x]"
-    assert len(tilda._BRACKETS.findall(too_deep)) + 1 == tilda.MAX_DEPTH + 1
+    assert len(tilda_form._BRACKETS.findall(too_deep)) + 1 == tilda_form.MAX_DEPTH + 1
     data = parse_body(form([(deepest, "Чёрный"), (too_deep, "dropped"), ("Name", "Анна")]), FORM)
     assert data == {"payment": {"products": [{"options": [{"variant": "Чёрный"}]}]}, "Name": "Анна"}
 
@@ -124,12 +124,12 @@ def test_empty_body(content_type):
 
 
 def test_max_fields_is_accepted():
-    body = "&".join(f"f{i}=1" for i in range(tilda.MAX_FIELDS)).encode()
-    assert len(parse_body(body, FORM)) == tilda.MAX_FIELDS
+    body = "&".join(f"f{i}=1" for i in range(tilda_form.MAX_FIELDS)).encode()
+    assert len(parse_body(body, FORM)) == tilda_form.MAX_FIELDS
 
 
 def test_more_than_max_fields_is_a_bad_post():
-    body = "&".join(f"f{i}=1" for i in range(tilda.MAX_FIELDS + 1)).encode()
+    body = "&".join(f"f{i}=1" for i in range(tilda_form.MAX_FIELDS + 1)).encode()
     with pytest.raises(BadPost):
         parse_body(body, FORM)
 

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 import pytest
 from conftest import EVENTS, TILDA_KEY, bodies, receive
 
-from functions import leads
+from functions.records import leads
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -167,14 +167,14 @@ def test_concurrent_copies_make_one_lead_and_one_message(client):
     results = []
     # Eight copies race through the route's logic at once (the Chalice test client is not thread-safe,
     # so the logic is called directly, with the same arguments the route passes).
-    from functions import intake
+    from functions.intake import tilda_webhook
 
     body = urlencode(form()).encode()
     barrier = threading.Barrier(8)
 
     def race():
         barrier.wait()
-        results.append(intake.receive_tilda(body, FORM, {"x-api-key": TILDA_KEY}, {}).status)
+        results.append(tilda_webhook.receive_tilda(body, FORM, {"x-api-key": TILDA_KEY}, {}).status)
 
     threads = [threading.Thread(target=race) for _ in range(8)]
     for t in threads:
@@ -186,7 +186,8 @@ def test_concurrent_copies_make_one_lead_and_one_message(client):
 
 
 def test_tildas_retry_requeues_a_lead_whose_first_enqueue_failed(client, monkeypatch):
-    from functions import intake, queues
+    from functions.core import queues
+    from functions.intake import tilda_webhook
 
     real_send = queues.send
     monkeypatch.setattr(queues, "send", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("SQS down")))
@@ -195,6 +196,6 @@ def test_tildas_retry_requeues_a_lead_whose_first_enqueue_failed(client, monkeyp
     monkeypatch.setattr(queues, "send", real_send)
     assert post(client, form(), headers={"X-Api-Key": TILDA_KEY}).status_code == 200
     assert receive("intake") == [], "a copy within seconds leaves the queueing to the first"
-    monkeypatch.setattr(intake, "REQUEUE_AFTER_SECONDS", -1)  # Tilda's retry, a minute later
+    monkeypatch.setattr(tilda_webhook, "REQUEUE_AFTER_SECONDS", -1)  # Tilda's retry, a minute later
     assert post(client, form(), headers={"X-Api-Key": TILDA_KEY}).status_code == 200
     assert len(receive("intake")) == 1

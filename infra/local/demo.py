@@ -24,7 +24,7 @@ def main() -> int:
     crm = f"http://127.0.0.1:{os.environ.get('SALESRENDER_SANDBOX_PORT', '8101')}"
     token = os.environ.get("CALLBRIDGE_API_TOKEN", "local-api-token")
     sys.path.insert(0, str(ROOT))
-    from functions import calls, leads
+    from functions.records import calls, leads
 
     def orders_of_sample() -> int:
         orders = requests.get(crm + "/_sandbox/orders", timeout=5).json()

@@ -19,8 +19,8 @@ import threading
 import time
 import uuid
 
-from functions import resources
-from functions.observability import logger
+from functions.core import resources
+from functions.core.observability import logger
 
 POLL_SECONDS = 1  # short long-polls so SIGTERM stops the runner within about a second
 _RATE = re.compile(r"^rate\((\d+)\s+(minute|minutes|hour|hours|day|days)\)$")

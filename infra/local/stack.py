@@ -31,7 +31,7 @@ TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "template.yaml"
 # libyaml's loader when present: the pure-Python one costs ~0.1 s per deploy, and tests deploy often.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-# Stack output -> environment variable read by functions/resources.py.
+# Stack output -> environment variable read by functions/core/resources.py.
 OUTPUT_ENV = {
     "IntakeQueueName": "INTAKE_QUEUE",
     "IntakeDlqName": "INTAKE_DLQ",

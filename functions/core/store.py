@@ -1,0 +1,113 @@
+"""Small helpers over the state table (single-table design, keys `pk`/`sk`).
+
+Each data module (leads, calls, channels, operators, budget, dnc) owns its key layout and uses these
+for the DynamoDB mechanics: Decimal conversion, create-if-absent, conditional updates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+
+from functions.core import resources
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_dynamo(value):
+    # DynamoDB wants Decimal, not float; a JSON round trip converts nested data too.
+    return json.loads(json.dumps(value, ensure_ascii=False), parse_float=Decimal)
+
+
+def from_dynamo(value):
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: from_dynamo(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_dynamo(v) for v in value]
+    return value
+
+
+def _conditional_failed(exc) -> bool:
+    return exc.response["Error"]["Code"] == "ConditionalCheckFailedException"
+
+
+def put_new(key: dict, attributes: dict) -> bool:
+    """Create the item unless it exists; True when this call created it."""
+    from botocore.exceptions import ClientError
+
+    try:
+        resources.table().put_item(Item={**key, **to_dynamo(attributes)},
+                                   ConditionExpression="attribute_not_exists(pk)")
+    except ClientError as exc:
+        if _conditional_failed(exc):
+            return False
+        raise
+    return True
+
+
+def get(key: dict) -> dict | None:
+    item = resources.table().get_item(Key=key, ConsistentRead=True).get("Item")
+    if item is None:
+        return None
+    return {k: v for k, v in from_dynamo(item).items() if k not in ("pk", "sk")}
+
+
+def update(key: dict, changes: dict, *, condition: str | None = None, names: dict | None = None,
+           values: dict | None = None, remove: tuple[str, ...] = (), add: dict | None = None,
+           return_new: bool = False):
+    """SET `changes`, REMOVE `remove`, ADD `add` (numbers) under an optional condition expression
+    (with its own `#names`/`:values`). False when the condition fails; the new item if `return_new`."""
+    from botocore.exceptions import ClientError
+
+    names = dict(names or {})
+    values = {k: to_dynamo(v) for k, v in (values or {}).items()}
+    clauses = []
+    if changes:
+        names.update({f"#s{i}": k for i, k in enumerate(changes)})
+        values.update({f":s{i}": to_dynamo(v) for i, v in enumerate(changes.values())})
+        clauses.append("SET " + ", ".join(f"#s{i} = :s{i}" for i in range(len(changes))))
+    if remove:
+        names.update({f"#r{i}": k for i, k in enumerate(remove)})
+        clauses.append("REMOVE " + ", ".join(f"#r{i}" for i in range(len(remove))))
+    if add:
+        names.update({f"#a{i}": k for i, k in enumerate(add)})
+        values.update({f":a{i}": to_dynamo(v) for i, v in enumerate(add.values())})
+        clauses.append("ADD " + ", ".join(f"#a{i} :a{i}" for i in range(len(add))))
+    kwargs = {"Key": key, "UpdateExpression": " ".join(clauses), "ExpressionAttributeNames": names}
+    if values:
+        kwargs["ExpressionAttributeValues"] = values
+    if condition:
+        kwargs["ConditionExpression"] = condition
+    if return_new:
+        kwargs["ReturnValues"] = "ALL_NEW"
+    try:
+        response = resources.table().update_item(**kwargs)
+    except ClientError as exc:
+        if condition and _conditional_failed(exc):
+            return False
+        raise
+    if return_new:
+        return {k: v for k, v in from_dynamo(response["Attributes"]).items() if k not in ("pk", "sk")}
+    return True
+
+
+def query(pk: str, sk_prefix: str | None = None) -> list[dict]:
+    """Every item of a partition (optionally only sort keys with a prefix), in sort-key order, all pages,
+    strongly consistent, converted from DynamoDB's types (pk/sk kept: callers read the sort key)."""
+    from boto3.dynamodb.conditions import Key
+
+    condition = Key("pk").eq(pk)
+    if sk_prefix:
+        condition = condition & Key("sk").begins_with(sk_prefix)
+    items, kwargs = [], {"KeyConditionExpression": condition, "ConsistentRead": True}
+    while True:
+        page = resources.table().query(**kwargs)
+        items += [from_dynamo(i) for i in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

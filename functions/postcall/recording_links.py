@@ -1,0 +1,78 @@
+"""Stable recording links (R-19): `{PUBLIC_BASE_URL}/v1/recordings/{call_id}?sig=...`.
+
+The link written into the CRM never expires and never exposes the bucket: it carries an HMAC-SHA256
+of the call id (secret RECORDING_LINK_SECRET), and the app answers it with a 302 to a presigned S3
+GET valid PRESIGNED_SECONDS. The bucket itself stays private with public access blocked. API clients
+may use the bearer token instead of the signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import hmac
+import os
+from urllib.parse import quote
+
+from functions.calling.manual_calls import authorised
+from functions.core import resources, secrets
+from functions.records import calls
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+PRESIGNED_SECONDS = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class Redirect:
+    """A Reply (functions.intake.tilda_webhook) with response headers."""
+
+    status: int
+    body: dict | str
+    headers: dict = dataclasses.field(default_factory=dict)
+
+
+def signature(call_id: str) -> str:
+    secret = secrets.get("RECORDING_LINK_SECRET")
+    return hmac.new(secret.encode(), call_id.encode(), hashlib.sha256).hexdigest()
+
+
+def link(call_id: str) -> str:
+    base = (os.environ.get("PUBLIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    return f"{base}/v1/recordings/{quote(call_id, safe='')}?sig={signature(call_id)}"
+
+
+def _signed(call_id: str, sig) -> bool:
+    if not isinstance(sig, str) or not sig:
+        return False
+    return hmac.compare_digest(sig.encode(), signature(call_id).encode())
+
+
+@functools.cache
+def _presigner(_endpoint: str | None, _region: str | None):
+    """An S3 client that signs with SigV4: botocore presigns with the deprecated SigV2 in us-east-1 by
+    default. Presigning is offline; the arguments only key the cache to the environment."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+
+
+def presigned_url(key: str) -> str:
+    client = _presigner(os.environ.get("AWS_ENDPOINT_URL"),
+                        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    return client.generate_presigned_url("get_object", Params={"Bucket": resources.bucket_name(), "Key": key},
+                                         ExpiresIn=PRESIGNED_SECONDS)
+
+
+def redirect(call_id: str, query: dict, headers: dict[str, str]) -> Redirect:
+    """`headers` with lower-case names. Authorisation first, so unknown ids reveal nothing."""
+    if not (_signed(call_id, query.get("sig")) or authorised(headers)):
+        return Redirect(403, {"error": "missing or wrong link signature", "field": "sig"})
+    call = calls.get(call_id)
+    key = (call or {}).get("recording_key")
+    if not key:
+        return Redirect(404, {"error": "no stored recording for this call", "field": "call_id"})
+    url = presigned_url(key)
+    # no-store: the redirect target expires in minutes, so nobody may cache it under the stable link.
+    return Redirect(302, "", {"Location": url, "Cache-Control": "no-store"})

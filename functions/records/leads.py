@@ -1,0 +1,84 @@
+"""Data access for leads in the state table (single-table design, keys `pk`/`sk`).
+
+Items:
+- lead            pk=LEAD#<lead_id>            sk=LEAD
+- rejected post   pk=REJECTED#<yyyy-mm-dd>     sk=<iso time>#<id>   (kept 30 days for inspection)
+Only this module knows the key layout; logic passes and receives plain dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from functions.core import resources, store
+
+LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
+REJECTED_TTL_SECONDS = 30 * 86400
+
+
+def lead_id_for(source: str, dedupe_key: str) -> str:
+    """Deterministic: every copy of one submission maps to the same lead id (R-4)."""
+    return str(uuid.uuid5(LEAD_NAMESPACE, f"{source}:{dedupe_key}"))
+
+
+now_iso = store.now_iso
+
+
+def _key(lead_id: str) -> dict:
+    return {"pk": f"LEAD#{lead_id}", "sk": "LEAD"}
+
+
+def create(lead: dict) -> bool:
+    """Store a new lead unless one with that id exists. True when this call created it."""
+    return store.put_new(_key(lead["lead_id"]), lead)
+
+
+def get(lead_id: str) -> dict | None:
+    return store.get(_key(lead_id))
+
+
+def update(lead_id: str, *, only_if_missing: str | None = None, **changes) -> bool:
+    """Set attributes on an existing lead. With `only_if_missing`, only when that attribute is absent
+    (a once-only step such as scheduling the first callback); False when the condition fails."""
+    condition, names = "attribute_exists(pk)", {}
+    if only_if_missing:
+        condition += " AND attribute_not_exists(#once)"
+        names["#once"] = only_if_missing
+    return store.update(_key(lead_id), changes, condition=condition, names=names)
+
+
+def latest_by_phone(phone: str) -> dict | None:
+    """The newest lead of this phone number (through the sparse by_phone index), or None."""
+    from boto3.dynamodb.conditions import Key
+
+    found = resources.table().query(IndexName="by_phone", KeyConditionExpression=Key("phone_key").eq(phone),
+                                    ScanIndexForward=False, Limit=1)["Items"]
+    return get(found[0]["pk"].removeprefix("LEAD#")) if found else None
+
+
+def store_rejected(source: str, reason: str, field_name: str, raw: dict) -> str:
+    """Keep a rejected post (R-5: nothing lost) where an operator can find it by day."""
+    rejected_id = str(uuid.uuid4())
+    now = now_iso()
+    resources.table().put_item(
+        Item={
+            "pk": f"REJECTED#{now[:10]}",
+            "sk": f"{now}#{rejected_id}",
+            "rejected_id": rejected_id,
+            "source": source,
+            "reason": reason,
+            "field": field_name,
+            # UTF-8 Cyrillic is 2 bytes a char: this stays under DynamoDB's 400 KB item limit.
+            "raw": json.dumps(raw, ensure_ascii=False)[:150_000],
+            "received_at": now,
+            "ttl": int(time.time()) + REJECTED_TTL_SECONDS,
+        }
+    )
+    return rejected_id
+
+
+def rejected_on(day: str) -> list[dict]:
+    """Rejected posts of one UTC day (yyyy-mm-dd), oldest first (all pages, unlike a single query)."""
+    return store.query(f"REJECTED#{day}")

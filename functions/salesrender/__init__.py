@@ -1,1 +1,0 @@
-"""SalesRender CRM: the GraphQL client and the mapping of callbridge leads to orders."""

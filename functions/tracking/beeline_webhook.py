@@ -1,0 +1,67 @@
+"""`POST /webhooks/beeline/{secret}` (R-15): Beeline's XSI events, acknowledged fast.
+
+Checks in order: the secret in the path (wrong: 404, as if the URL did not exist, nothing stored),
+the caller's address against the configured CIDR allowlist (403), a hardened parse (400), then the
+event is stored once by its eventID. Only a failure to store answers 5xx (so a retrying sender can
+try again); a failure after that is logged and acknowledged, because the stored event is applied
+again by the next event of the call or by the reconciler.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from functions.core import config, resources, secrets, store
+from functions.core.observability import logger, metric
+from functions.intake.tilda_webhook import Reply
+from functions.providers.beeline.events import BadEvent, parse
+
+
+def _allowed(source_ip: str | None, cidrs: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(source_ip or "")
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def receive(secret: str, body: bytes, source_ip: str | None) -> Reply:
+    if not secrets.matches("BEELINE_WEBHOOK_SECRET", secret):
+        return Reply(404, {"error": "not found"})
+    if not _allowed(source_ip, config.load().provider.webhook_cidrs):
+        logger.warning("beeline webhook from outside the allowlist", extra={"source_ip": source_ip})
+        return Reply(403, {"error": "caller not allowed", "field": "source_ip"})
+    try:
+        event = parse(body)
+    except BadEvent as exc:
+        return Reply(400, {"error": str(exc), "field": "body"})
+
+    from functions.tracking import tracker  # deferred: only real events pay for the tracker's imports
+
+    if event.event_type == "SubscriptionTerminatedEvent":
+        marker = {"pk": f"XSIEVENT#{event.event_id}", "sk": "EVENT"}
+        if store.put_new(marker, {"type": event.event_type, "ttl": int(time.time()) + 7 * 86400}):
+            from functions.tracking import subscriptions
+
+            try:
+                subscriptions.on_terminated(event.subscription_id)
+            except Exception:
+                resources.table().delete_item(Key=marker)  # let the sender's retry count again
+                raise
+        return Reply(200, "ok")
+    if event.call is None or not event.call.ext_tracking_id:
+        metric("EventsIgnored", type=event.event_type or "unknown")
+        return Reply(200, "ok")  # HookStatusEvent and other types without a call: acknowledged
+    if not tracker.record(event):
+        return Reply(200, "ok")  # a copy (overlapping subscriptions, a retry)
+    try:
+        result = tracker.process(event)
+    except Exception:  # noqa: BLE001 - stored: the next event or the reconciler applies it again
+        logger.exception("event stored but not applied", extra={"event_type": event.event_type,
+                                                                "ext_tracking_id": event.call.ext_tracking_id})
+        metric("EventsNotApplied")
+        return Reply(200, "ok")
+    logger.info("call event", extra={"event_type": event.event_type, "ext_tracking_id": event.call.ext_tracking_id,
+                                     "personality": event.call.personality, "result": result})
+    return Reply(200, "ok")

@@ -1,0 +1,307 @@
+"""Call tracking (R-15, R-17, R-18): Beeline's XSI events become one correct record per call.
+
+Every event is stored once (keyed by eventID) under its call's extTrackingId, and the call's state
+is *derived from the whole stored set* each time: events that arrive late, twice or out of order
+give the same result, and an event whose processing failed is repaired by the next one or by the
+reconciler. A call ends when its decisive release is seen:
+- the customer leg (personality Originator) released: answered if it has an answerTime, else busy /
+  failed / no answer by its release cause;
+- the operator leg (Click-to-Dial) released without an answer: operator missed (failed on a server
+  failure); with an answer, the customer leg decides;
+- an inbound leg (Terminator): answered, or missed (no_answer).
+`finalize` then runs the side effects once each: cost to the month's spend, the channel lease and
+operator freed, the call log line, the dialer's retry policy, and the post-call job (recording or
+write-back) on the recordings queue.
+
+Which of our calls an extTrackingId belongs to: the operator abonent named by the event's targetId
+is reserved for exactly one callbridge call while it rings (functions/calling/operators.py), so the first
+event binds the id to that call. A Terminator leg with no such call is an inbound call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import math
+import time
+import uuid
+
+from functions.calling import channels, operators
+from functions.core import config, queues, store
+from functions.core.observability import logger, metric
+from functions.core.phones import InvalidPhone, mask, normalise
+from functions.providers.beeline.events import CallData, XsiEvent
+from functions.records import calls, leads, spend
+
+EVENT_TTL_SECONDS = 60 * 86400
+ABONENTS_CACHE_SECONDS = 300
+INBOUND_NAMESPACE = uuid.UUID("3e9b8a7c-6d5e-4f3a-9b2c-1d0e9f8a7b6c")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    state: str  # dialing | ringing | talking | ended
+    outcome: str | None = None
+    answered_ms: int | None = None
+    ended_ms: int | None = None
+
+    @property
+    def talk_seconds(self) -> int:
+        # Rounded up: 60.4 s is two started minutes when billed, so it must not show as 60.
+        if self.answered_ms is None or self.ended_ms is None:
+            return 0
+        return max(0, math.ceil((self.ended_ms - self.answered_ms) / 1000))
+
+
+def _release_outcome(leg: CallData) -> str | None:
+    cause = leg.release_cause.lower()
+    if leg.personality == "Click-to-Dial":
+        if leg.answer_ms:
+            return None  # the operator answered: the customer leg's release decides
+        return "failed" if "server failure" in cause else "operator_missed"
+    if leg.personality == "Terminator":
+        return "answered" if leg.answer_ms else "no_answer"
+    if leg.answer_ms:
+        return "answered"
+    if cause == "busy":
+        return "busy"
+    if cause in ("server failure", "forbidden"):
+        return "failed"
+    return "no_answer"
+
+
+def derive(legs: list[CallData]) -> Derived:
+    """The call's state from every event seen so far; the same for any order or duplication."""
+    releases = sorted((leg for leg in legs if leg.state == "Released"),
+                      key=lambda leg: (leg.release_ms or 0, leg.call_id, leg.personality))
+    for personality in ("Originator", "Terminator", "Click-to-Dial"):
+        for leg in releases:
+            if leg.personality == personality:
+                outcome = _release_outcome(leg)
+                if outcome:
+                    answered = leg.answer_ms if outcome == "answered" else None
+                    return Derived("ended", outcome, answered, leg.release_ms)
+    customer_answers = [leg.answer_ms for leg in legs if leg.answer_ms and leg.personality != "Click-to-Dial"]
+    if customer_answers:
+        return Derived("talking", answered_ms=min(customer_answers))
+    if legs:
+        return Derived("ringing")
+    return Derived("dialing")
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- storage of events and bindings --------------------------------------------------------------------
+
+def _track(ext: str) -> str:
+    return f"TRACK#{ext}"
+
+
+def _store_event(event: XsiEvent) -> bool:
+    leg = event.call
+    return store.put_new({"pk": _track(leg.ext_tracking_id), "sk": f"EVENT#{event.event_id}"}, {
+        "event_type": event.event_type, "target_id": event.target_id, "leg": dataclasses.asdict(leg),
+        "received_at": store.now_iso(), "ttl": int(time.time()) + EVENT_TTL_SECONDS,
+    })
+
+
+def _legs(ext: str) -> list[CallData]:
+    legs = []
+    for item in store.query(_track(ext), "EVENT#"):
+        leg = dict(item["leg"])
+        leg["redirect_addresses"] = tuple(leg.get("redirect_addresses") or ())
+        legs.append(CallData(**leg))
+    return legs
+
+
+def bind(ext: str, call_id: str, target_id: str = "") -> str:
+    """Tie an extTrackingId to a call, once; returns the call it is bound to (the first binding wins)."""
+    key = {"pk": _track(ext), "sk": "CALL"}
+    if not store.put_new(key, {"call_id": call_id}):
+        return store.get(key)["call_id"]
+    calls.update(call_id, ext_tracking_id=ext, **({"target_id": target_id} if target_id else {}))
+    return call_id
+
+
+def bound_call(ext: str) -> str | None:
+    return (store.get({"pk": _track(ext), "sk": "CALL"}) or {}).get("call_id")
+
+
+@functools.cache
+def _abonent_index(_bucket: int) -> dict[str, set[str]]:
+    """userId -> every pattern that names the abonent (userId, extension, phone); cached 5 minutes."""
+    from functions.providers.beeline import client as beeline
+
+    index: dict[str, set[str]] = {}
+    for abonent in beeline.default_client().abonents():
+        names = {str(abonent.get(k)) for k in ("userId", "extension", "phone") if abonent.get(k)}
+        index[str(abonent.get("userId"))] = names
+    return index
+
+
+def _patterns_for(target_id: str) -> set[str]:
+    try:
+        return {target_id} | _abonent_index(int(time.time() // ABONENTS_CACHE_SECONDS)).get(target_id, set())
+    except Exception as exc:  # noqa: BLE001 - the directory is a convenience; the userId itself may match
+        logger.warning("abonent directory unavailable", extra={"error": str(exc)})
+        return {target_id}
+
+
+def _find_outbound(event: XsiEvent) -> str | None:
+    for pattern in _patterns_for(event.target_id):
+        state = store.get({"pk": f"OPERATOR#{pattern}", "sk": "STATE"}) or {}
+        call_id = state.get("busy_call")
+        if call_id:
+            call = calls.get(call_id) or {}
+            if call.get("state") not in (None, "ended", "queued") and not call.get("ext_tracking_id"):
+                return call_id
+    return None
+
+
+# --- inbound calls (R-18) ------------------------------------------------------------------------------
+
+def _start_inbound(event: XsiEvent) -> str | None:
+    leg = event.call
+    try:
+        caller = normalise(leg.remote_address.removeprefix("tel:"))
+    except InvalidPhone:
+        return None
+    cfg = config.load()
+    offer = None
+    for address in reversed(leg.redirect_addresses):  # the last redirection is the number dialled
+        try:
+            dialled = normalise(address.removeprefix("tel:"))
+        except InvalidPhone:
+            continue
+        offer = next((o for o in cfg.offers if o.caller_id == dialled), None)
+        if offer:
+            break
+    offer = offer or (cfg.offer(cfg.default_offer_id) if cfg.default_offer_id is not None else None)
+    if offer is None:
+        logger.info("inbound call to no offer's number: ignored", extra={"phone": mask(caller)})
+        return None
+    ext = leg.ext_tracking_id
+    call_id = str(uuid.uuid5(INBOUND_NAMESPACE, ext))
+    known = leads.latest_by_phone(caller)
+    if known:
+        lead_id = known["lead_id"]
+    else:
+        lead_id = leads.lead_id_for("inbound", ext)
+        now = store.now_iso()
+        if leads.create({"lead_id": lead_id, "source": "inbound_call", "state": "received", "offer_id": offer.id,
+                         "phone": caller, "phone_key": caller, "name": "", "comment": "Входящий звонок",
+                         "created_at": now, "utm": {}, "products": []}):
+            queues.send("intake", {"lead_id": lead_id})
+            metric("InboundLeads", offer=str(offer.id))
+    store.put_new({"pk": f"CALL#{call_id}", "sk": "CALL"}, {
+        "call_id": call_id, "lead_id": lead_id, "offer_id": offer.id, "attempt": 0, "phone": caller,
+        "direction": "inbound", "state": "ringing", "operator": event.target_id, "created_at": store.now_iso(),
+    })
+    calls.mark_open(call_id)
+    logger.info("inbound call", extra={"call_id": call_id, "lead_id": lead_id, "phone": mask(caller),
+                                       "known_lead": bool(known)})
+    return call_id
+
+
+# --- applying events -----------------------------------------------------------------------------------
+
+def record(event: XsiEvent) -> bool:
+    """Store the event once (deduplicated by eventID); False for a copy already stored."""
+    return _store_event(event)
+
+
+def apply(event: XsiEvent) -> str:
+    """Store one call event and bring its call up to date; returns what happened."""
+    leg = event.call
+    if leg is None or not leg.ext_tracking_id:
+        return "no_call"
+    if not record(event):
+        return "duplicate"
+    return process(event)
+
+
+def process(event: XsiEvent) -> str:
+    """Bring the event's call up to date from every stored event (the event itself already stored)."""
+    leg = event.call
+    ext = leg.ext_tracking_id
+    call_id = bound_call(ext)
+    if call_id is None:
+        found = _find_outbound(event)
+        if found is None and leg.personality == "Terminator":
+            found = _start_inbound(event)
+        if found is None:
+            logger.info("event for no known call: kept", extra={"ext_tracking_id": ext, "type": event.event_type})
+            return "unbound"
+        call_id = bind(ext, found, event.target_id)
+    return refresh(call_id, ext)
+
+
+def refresh(call_id: str, ext: str) -> str:
+    """Re-derive the call from its stored events and record the result."""
+    derived = derive(_legs(ext))
+    if derived.state == "ended":
+        finalize(call_id, derived.outcome, answered_at=_iso(derived.answered_ms), ended_at=_iso(derived.ended_ms),
+                 talk_seconds=derived.talk_seconds, source="events")
+        return "ended"
+    changes = {"state": derived.state}
+    if derived.answered_ms:
+        changes["answered_at"] = _iso(derived.answered_ms)
+    store.update({"pk": f"CALL#{call_id}", "sk": "CALL"}, changes,
+                 condition="attribute_exists(pk) AND #state <> :ended", names={"#state": "state"},
+                 values={":ended": "ended"})
+    if derived.state == "talking":
+        call = calls.get(call_id) or {}
+        if call.get("channel_slot") is not None:  # a long conversation keeps its channel and its operator
+            channels.extend(call["provider"], int(call["channel_slot"]), call_id, channels.lease_seconds())
+        if call.get("operator") and call.get("direction") != "inbound":
+            operators.reserve(call["operator"], call_id)  # the holder re-reserving extends busy_until
+    return derived.state
+
+
+def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ended_at: str | None = None,
+             talk_seconds: int = 0, source: str = "events") -> bool:
+    """End the call with its outcome and run the consequences, each exactly once. Safe to call again
+    (a crash between steps is finished by the next call); True if this call ended it."""
+    cfg = config.load()
+    answered = outcome == "answered"
+    talk = int(talk_seconds) if answered else 0
+    cost = math.ceil(talk / 60) * cfg.tariff_rub_per_minute if talk else 0.0
+    ended_now = calls.finish(call_id, outcome, answered_at=answered_at if answered else None,
+                             ended_at=ended_at or store.now_iso(), talk_seconds=talk, cost_rub=round(cost, 2),
+                             short_call=answered and talk < 60, settled_by=source)
+    call = calls.get(call_id)
+    if call is None or call.get("effects_done"):
+        return ended_now
+    if call.get("cost_rub") and calls.flag_once(call_id, "cost_counted"):
+        spend.add(float(call["cost_rub"]))
+    if call.get("direction") != "inbound":
+        if call.get("channel_slot") is not None:
+            channels.release(call["provider"], int(call["channel_slot"]), call_id)
+        if call.get("operator"):
+            operators.release(call["operator"], call_id)
+    store.put_new({"pk": f"LEAD#{call['lead_id']}", "sk": f"CALLLOG#{call['ended_at']}#{call_id}"},
+                  {"call_id": call_id})
+    if call.get("direction") == "inbound":
+        if call["outcome"] == "answered":
+            leads.update(call["lead_id"], called_by_person_at=store.now_iso())
+    else:
+        from functions.calling import dialer
+
+        dialer.on_outcome(call_id)
+    if calls.flag_once(call_id, "post_call_queued"):
+        job = "recording" if call["outcome"] == "answered" and cfg.provider.recording else "writeback"
+        queues.send("recordings", {"job": job, "call_id": call_id})
+    calls.update(call_id, effects_done=True)
+    calls.mark_closed(call_id)
+    if ended_now:
+        logger.info("call ended", extra={"call_id": call_id, "lead_id": call["lead_id"], "outcome": call["outcome"],
+                                         "talk_seconds": call.get("talk_seconds"), "settled_by": source})
+        metric("CallsEnded", outcome=call["outcome"])
+        if call.get("talk_seconds"):
+            metric("TalkSeconds", call["talk_seconds"], unit="Seconds")
+    return ended_now

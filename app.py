@@ -17,7 +17,7 @@ FORM_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/pla
 
 
 def _reply(reply) -> Response:
-    headers = dict(getattr(reply, "headers", None) or {})
+    headers = dict(reply.headers)
     if isinstance(reply.body, str):
         return Response(body=reply.body, status_code=reply.status, headers={"Content-Type": "text/plain", **headers})
     return Response(body=reply.body, status_code=reply.status, headers=headers)
@@ -34,11 +34,11 @@ def health():
 
 @app.route("/webhooks/tilda", methods=["POST"], content_types=FORM_TYPES)
 def tilda_webhook():
-    from functions.intake import tilda_webhook
+    from functions.intake import tilda_webhook as webhook
 
     request = app.current_request
     return _reply(
-        tilda_webhook.receive_tilda(
+        webhook.receive_tilda(
             request.raw_body,
             request.headers.get("content-type"),
             _headers(request),
@@ -65,11 +65,11 @@ def read_call(call_id):
 @app.route("/webhooks/beeline/{secret}", methods=["POST"],
            content_types=["application/xml", "text/xml", "application/octet-stream"])
 def beeline_webhook(secret):
-    from functions.tracking import beeline_webhook
+    from functions.tracking import beeline_webhook as webhook
 
     request = app.current_request
     source_ip = ((request.context or {}).get("identity") or {}).get("sourceIp")
-    return _reply(beeline_webhook.receive(secret, request.raw_body, source_ip))
+    return _reply(webhook.receive(secret, request.raw_body, source_ip))
 
 
 @app.route("/v1/recordings/{call_id}", methods=["GET"])
@@ -83,10 +83,10 @@ def recording_link(call_id):
 @app.on_sqs_message(queue=resources.queue_name("intake"), batch_size=1)
 def intake_worker(event):
     from functions.core import queues
-    from functions.intake import order_worker as worker
+    from functions.intake import order_worker
 
     for record in event:
-        queues.run("intake", record, lambda body: worker.process(body, event.context))
+        queues.run("intake", record, lambda body: order_worker.process(body, event.context))
 
 
 @app.on_sqs_message(queue=resources.queue_name("callbacks"), batch_size=1)

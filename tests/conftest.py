@@ -57,18 +57,126 @@ def _clear_caches() -> None:
     order_worker._create_order_once.cache_clear()
 
 
-@pytest.fixture
-def aws(monkeypatch):
-    """A fresh in-process AWS with the resources of infra/template.yaml (stage `test`)."""
-    with mock_aws():
-        from infra.local import stack
+class _Account:
+    """The moto account of a test module: the stack is deployed into it once, and before each test it is
+    emptied back to what the deploy left (no items, messages or objects; nothing a test created)."""
 
+    def __init__(self):
+        import boto3
+
+        session = boto3.session.Session(region_name="us-east-1")
+        self.dynamodb = session.resource("dynamodb")
+        self.sqs, self.s3, self.sns = (session.client(name) for name in ("sqs", "s3", "sns"))
+        self.deployed = self._inventory()
+
+    def _inventory(self) -> dict[str, set[str]]:
+        def every(client, operation: str, key: str, field: str | None = None) -> set[str]:
+            pages = client.get_paginator(operation).paginate()
+            return {item[field] if field else item for page in pages for item in page.get(key, [])}
+
+        return {"tables": every(self.dynamodb.meta.client, "list_tables", "TableNames"),
+                "queues": every(self.sqs, "list_queues", "QueueUrls"),
+                "buckets": {b["Name"] for b in self.s3.list_buckets()["Buckets"]},
+                "topics": every(self.sns, "list_topics", "Topics", "TopicArn"),
+                "subscriptions": every(self.sns, "list_subscriptions", "Subscriptions", "SubscriptionArn")}
+
+    def empty(self) -> None:
+        now = self._inventory()
+        for name in now["tables"]:
+            if name in self.deployed["tables"]:
+                self._empty_table(name)
+            else:
+                self.dynamodb.meta.client.delete_table(TableName=name)
+        with pytest.MonkeyPatch.context() as mp:
+            # moto refuses a second purge of a queue within 60 s unless told otherwise.
+            mp.setenv("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")
+            for url in now["queues"]:
+                if url in self.deployed["queues"]:
+                    self.sqs.purge_queue(QueueUrl=url)  # in moto: visible, in-flight and delayed alike
+                else:
+                    self.sqs.delete_queue(QueueUrl=url)
+        for bucket in now["buckets"]:
+            self._empty_bucket(bucket)
+            if bucket not in self.deployed["buckets"]:
+                self.s3.delete_bucket(Bucket=bucket)
+        for arn in now["subscriptions"] - self.deployed["subscriptions"]:
+            self.sns.unsubscribe(SubscriptionArn=arn)
+        for arn in now["topics"] - self.deployed["topics"]:
+            self.sns.delete_topic(TopicArn=arn)
+
+    def _empty_table(self, name: str) -> None:
+        table = self.dynamodb.Table(name)
+        keys = [k["AttributeName"] for k in table.key_schema]
+        scan = {"ProjectionExpression": ", ".join(f"#k{i}" for i in range(len(keys))),
+                "ExpressionAttributeNames": {f"#k{i}": key for i, key in enumerate(keys)}}
+        while True:
+            page = table.scan(**scan)
+            with table.batch_writer() as batch:
+                for item in page["Items"]:
+                    batch.delete_item(Key={key: item[key] for key in keys})
+            if "LastEvaluatedKey" not in page:
+                return
+            scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _empty_bucket(self, bucket: str) -> None:
+        for page in self.s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for upload in page.get("Uploads", []):
+                self.s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        for page in self.s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
+            versions = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                        for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+            if versions:
+                self.s3.delete_objects(Bucket=bucket, Delete={"Objects": versions, "Quiet": True})
+
+
+_BOTOCORE_DATA: dict = {}  # the JSON botocore parses (service models, endpoints), shared across aws tests
+
+
+def _create_loader(search_path_string=None):
+    """botocore's data loader, with a cache common to every session: each test's fresh clients (see
+    _clear_caches) then skip re-parsing the service models, ~0.1 s a test. The data are read-only."""
+    from botocore import loaders
+
+    loader = loaders.create_loader(search_path_string)
+    loader._cache = _BOTOCORE_DATA
+    return loader
+
+
+@pytest.fixture(scope="module")
+def _aws_stack():
+    """moto with the resources of infra/template.yaml (stage `test`), deployed once per test module.
+    The mock is active only while a test that asks for `aws` runs; between tests moto keeps the data."""
+    from infra.local import stack
+
+    mock = mock_aws()
+    mock.start()
+    try:
         env = stack.deploy(stage="test")
+        account = _Account()
+    except BaseException:
+        mock.stop()
+        raise
+    mock.stop(remove_data=False)
+    yield mock, env, account
+    mock.start(reset=False)
+    mock.stop()  # and the data goes
+
+
+@pytest.fixture
+def aws(_aws_stack, monkeypatch):
+    """An in-process AWS with the resources of infra/template.yaml (stage `test`), empty as if just deployed."""
+    mock, env, account = _aws_stack
+    monkeypatch.setattr("botocore.session.create_loader", _create_loader)
+    mock.start(reset=False)
+    try:
+        account.empty()
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         _clear_caches()
         yield env
-    _clear_caches()
+    finally:
+        mock.stop(remove_data=False)
+        _clear_caches()
 
 
 @pytest.fixture
@@ -108,6 +216,17 @@ def salesrender_sandbox(monkeypatch):
         salesrender.default_client.cache_clear()
         yield sandbox
     salesrender.default_client.cache_clear()
+
+
+@pytest.fixture
+def no_http_backoff(monkeypatch):
+    """urllib3 retries 5xx with 1 s + 2 s of backoff; the same retries without the sleeping."""
+    from functions.core import http
+    from functions.providers.beeline import client as beeline
+
+    real = http.idempotent_retry
+    monkeypatch.setattr(http, "idempotent_retry", lambda total=3: real(total).new(backoff_factor=0))
+    beeline.default_client.cache_clear()  # its session holds the retry it was built with
 
 
 @pytest.fixture

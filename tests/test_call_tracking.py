@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from functions.calling import channels, operators
-from functions.core import store
+from functions.core import store, times
 from functions.providers.beeline import client as beeline
-from functions.records import calls, leads, spend
+from functions.records import call_events, calls, leads, spend
 from functions.tracking import beeline_webhook, tracker
 
 SECRET = "test-beeline-secret"
@@ -110,7 +110,7 @@ def _fresh_call(n: int) -> str:
     lead_id = f"prop-lead-{n}-{uuid.uuid4().hex[:6]}"
     call_id = calls.call_id_for(lead_id, 1)
     leads.create({"lead_id": lead_id, "offer_id": 101, "phone": "+79991115555", "state": "dialing",
-                  "created_at": store.now_iso()})
+                  "created_at": times.now_iso()})
     slot = channels.acquire("Beeline_Main", 5, call_id)
     operators.release("200", (store.get({"pk": "OPERATOR#200", "sk": "STATE"}) or {}).get("busy_call", ""))
     assert operators.reserve("200", call_id)
@@ -149,7 +149,7 @@ def test_any_order_and_duplication_of_events_ends_the_same(stack, phone):
             assert call.get(key) == reference.get(key), key
         assert spend.spent() - spent_before == pytest.approx(reference["cost_rub"] or 0)
         assert len(receive_all_jobs()) - sent_before == 1
-        assert tracker.bound_call(ext) == call_id
+        assert call_events.bound_call(ext) == call_id
 
     check()
 
@@ -262,7 +262,7 @@ def test_inbound_call_from_an_unknown_number_creates_a_lead_and_an_order(client,
     release = _event("CallReleasedEvent", "Terminator", "Released", ext="88000001:1", remote="tel:+79997770011",
                      redirect="tel:+74951234567", answer=True, release=True)
     assert post_event(client, release).status_code == 200
-    call = calls.get(tracker.bound_call("88000001:1"))
+    call = calls.get(call_events.bound_call("88000001:1"))
     assert call["direction"] == "inbound" and call["outcome"] == "answered" and call["talk_seconds"] == 40
     assert leads.get(lead["lead_id"])["called_by_person_at"]  # the dialer will not call them back
 
@@ -272,7 +272,7 @@ def test_inbound_call_from_a_known_number_attaches_to_its_lead(stack):
     ring = _event("CallReceivedEvent", "Terminator", "Alerting", ext="88000002:1", remote="tel:+79991115566",
                   redirect="tel:+74951234568")
     assert post_event(stack["client"], ring).status_code == 200
-    call = calls.get(tracker.bound_call("88000002:1"))
+    call = calls.get(call_events.bound_call("88000002:1"))
     assert call["lead_id"] == lead_id
     assert receive("intake") == []  # no second lead, no second order
 
@@ -280,7 +280,7 @@ def test_inbound_call_from_a_known_number_attaches_to_its_lead(stack):
 def test_events_for_no_known_call_are_kept_not_failed(client, pbx):
     body = _event("CallOriginatedEvent", "Click-to-Dial", "Alerting", ext="99000001:1", target="nobody@x")
     assert post_event(client, body).status_code == 200
-    assert tracker.bound_call("99000001:1") is None
+    assert call_events.bound_call("99000001:1") is None
 
 
 def test_a_failure_after_storing_is_acknowledged_and_healed_by_the_next_event(stack, monkeypatch):

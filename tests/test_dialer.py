@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import TILDA_KEY, deliver, receive
 
-from functions.calling import dialer, dnc
+from functions.calling import dialer, dnc, retry_policy
 from functions.core import resources
 from functions.records import calls, leads, spend
 from infra.local.runner import LambdaContext, sqs_event
@@ -240,8 +240,8 @@ def test_retryable_outcome_schedules_the_next_attempt_after_its_interval(stack, 
     call_id = calls.call_id_for(lead_id, 1)
     calls.finish(call_id, outcome)
     sent.clear()
-    assert dialer.on_outcome(call_id) == "retry_scheduled"
-    assert dialer.on_outcome(call_id) == "already_scheduled"  # a duplicate event changes nothing
+    assert retry_policy.on_outcome(call_id) == "retry_scheduled"
+    assert retry_policy.on_outcome(call_id) == "already_scheduled"  # a duplicate event changes nothing
     [retry] = sent
     body = json.loads(retry["MessageBody"])
     assert body["attempt"] == 2 and body["reason"] == outcome and retry["DelaySeconds"] == 600
@@ -252,11 +252,11 @@ def test_answered_finishes_the_lead_and_the_last_attempt_exhausts_it(stack):
     deliver("callbacks", "callback_worker")
     call_id = calls.call_id_for(lead_id, 1)
     calls.finish(call_id, "answered", talk_seconds=75)
-    assert dialer.on_outcome(call_id) == "done" and leads.get(lead_id)["state"] == "done"
+    assert retry_policy.on_outcome(call_id) == "done" and leads.get(lead_id)["state"] == "done"
     last = calls.call_id_for(lead_id, 3)
     calls.claim(last, {"lead_id": lead_id, "offer_id": 101, "attempt": 3, "phone": "+79991111000"})
     calls.finish(last, "busy")
-    assert dialer.on_outcome(last) == "exhausted"
+    assert retry_policy.on_outcome(last) == "exhausted"
 
 
 def test_callback_messages_in_lambda_shape_are_validated(aws):

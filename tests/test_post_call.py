@@ -12,63 +12,17 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import TILDA_KEY, EventSink, _clear_caches, bodies, deliver, receive
+from conftest import TILDA_KEY, EventSink, bodies, deliver, receive
 
-from functions.core import config, resources, store
+from functions.core import config, resources, store, times
 from functions.core.queues import Poison, Transient
-from functions.intake import order_worker
-from functions.postcall import recorder, recording_links
+from functions.postcall import recorder, recording_links, write_back
 from functions.providers.beeline import client as beeline
 from functions.providers.salesrender import client as salesrender
 from functions.providers.salesrender.orders import add_order_input
 from functions.records import calls, leads
 
 PHONE = "+79991112255"  # ends in 55: the sandbox answers it
-
-
-@pytest.fixture(scope="module")
-def _module_aws():
-    """One moto stack for the module (deploying it per test would cost most of the file's time)."""
-    from moto import mock_aws
-
-    from infra.local import stack
-
-    with pytest.MonkeyPatch.context() as mp, mock_aws():
-        env = stack.deploy(stage="test")
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.setenv("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")  # purged between tests
-        _clear_caches()
-        yield env
-    _clear_caches()
-
-
-@pytest.fixture
-def aws(_module_aws, monkeypatch):
-    """Overrides conftest's `aws` (same resources and environment), emptied before each test."""
-    for key, value in _module_aws.items():
-        monkeypatch.setenv(key, value)
-    # Not resources.reset(): new boto3 clients reload their service models (most of a test's setup).
-    config.load.cache_clear()
-    order_worker._create_order_once.cache_clear()
-    table = resources.table()
-    scan = {"ProjectionExpression": "pk, sk"}
-    while True:
-        page = table.scan(**scan)
-        with table.batch_writer() as batch:
-            for item in page["Items"]:
-                batch.delete_item(Key={"pk": item["pk"], "sk": item["sk"]})
-        if "LastEvaluatedKey" not in page:
-            break
-        scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    sqs = resources.client("sqs")
-    for kind in resources.QUEUES:
-        for dlq in (False, True):
-            sqs.purge_queue(QueueUrl=resources.queue_url(kind, dlq=dlq))
-    s3 = resources.client("s3")
-    for key in s3_objects():
-        s3.delete_object(Bucket=resources.bucket_name(), Key=key)
-    return _module_aws
 
 
 @pytest.fixture
@@ -96,7 +50,7 @@ def make_lead(phone: str = PHONE, order: bool = True) -> str:
     """A lead as the intake worker leaves it, with its order in the SalesRender sandbox."""
     lead_id = f"lead-{uuid.uuid4().hex[:10]}"
     lead = {"lead_id": lead_id, "source": "test", "state": "ordered", "offer_id": 101, "phone": phone,
-            "name": "Анна", "created_at": store.now_iso()}
+            "name": "Анна", "created_at": times.now_iso()}
     if order:
         lead["order_id"] = salesrender.default_client().add_order(add_order_input(lead, config.load().offer(101)))
     assert leads.create(lead)
@@ -373,7 +327,7 @@ def test_offer_without_call_log_field_writes_nothing(crm, use_config):
     call_id = make_call(make_lead(), outcome="busy")
     recorder.process({"job": "writeback", "call_id": call_id})
     assert update_orders(crm) == []
-    assert [s.name for s in recorder.sinks()] == ["call_log_field"]
+    assert [s.name for s in write_back.sinks()] == ["call_log_field"]
 
 
 def test_lead_without_an_order_yet_is_transient(crm):

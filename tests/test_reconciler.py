@@ -12,11 +12,11 @@ import pytest
 from conftest import receive
 
 from functions.calling import channels, operators
-from functions.core import queues, store
+from functions.core import queues, store, times
 from functions.providers.beeline import client as beeline
 from functions.providers.beeline.events import CallData, XsiEvent
-from functions.records import calls, leads
-from functions.tracking import reconciler, tracker
+from functions.records import call_events, calls, leads
+from functions.tracking import reconciler
 
 PROVIDER = "Beeline_Main"
 OPERATOR_USER_ID = "SIP0343PU200QK@ip.beeline.ru"  # extension 200 in the conftest sandbox
@@ -31,7 +31,7 @@ def open_call(phone: str = "+79991110000", operator: str = "200", ago: float = 7
     """A claimed, dialled call holding a channel slot and its operator, as the dialer leaves it."""
     lead_id = f"rec-{uuid.uuid4().hex[:10]}"
     assert leads.create({"lead_id": lead_id, "offer_id": 101, "phone": phone, "state": "dialing",
-                         "created_at": store.now_iso()})
+                         "created_at": times.now_iso()})
     call_id = calls.call_id_for(lead_id, 1)
     slot = channels.acquire(PROVIDER, 5, call_id)
     assert slot is not None and operators.reserve(operator, call_id)
@@ -61,15 +61,6 @@ def sent(monkeypatch):
     return messages
 
 
-@pytest.fixture
-def no_backoff(monkeypatch):
-    from functions.core import http
-
-    real = http.idempotent_retry
-    monkeypatch.setattr(http, "idempotent_retry", lambda total=3: real(total).new(backoff_factor=0))
-    beeline.default_client.cache_clear()
-
-
 def stored_release(call_id: str, ext: str, *, answered: bool = True) -> None:
     """The call's events as the webhook stores them, the release included, but never applied."""
     start = 1_779_987_800_000
@@ -79,9 +70,9 @@ def stored_release(call_id: str, ext: str, *, answered: bool = True) -> None:
                      start_ms=start, answer_ms=start + 10_000 if answered else None, release_ms=start + 52_000,
                      releasing_party="remoteRelease")]
     for leg, kind in zip(legs, ("CallOriginatedEvent", "CallReleasedEvent"), strict=True):
-        assert tracker.record(XsiEvent(event_id=str(uuid.uuid4()), event_type=kind, target_id=OPERATOR_USER_ID,
-                                            call=leg))
-    assert tracker.bind(ext, call_id, OPERATOR_USER_ID) == call_id
+        assert call_events.store_event(XsiEvent(event_id=str(uuid.uuid4()), event_type=kind,
+                                                target_id=OPERATOR_USER_ID, call=leg))
+    assert call_events.bind(ext, call_id, OPERATOR_USER_ID) == call_id
 
 
 def test_a_stuck_call_without_statistics_expires_and_frees_everything(aws, beeline_sandbox, sent):
@@ -126,7 +117,7 @@ def test_stored_but_unapplied_events_settle_the_call(aws):
 def test_a_call_found_in_the_statistics_is_settled_from_them(aws, beeline_sandbox, sent, phone, outcome, talk):
     if outcome == "answered":
         beeline_sandbox.set_outcome(phone[2:], "answered", talk_seconds=12)
-    dialing_at = store.now_iso()
+    dialing_at = times.now_iso()
     ours = open_call(phone, "200", dialing_at=dialing_at)
     other_operator = open_call(phone, "201", dialing_at=dialing_at)  # same number, another abonent: no row
     beeline.default_client().originate("200", phone[2:])  # the real call, whose events never came
@@ -179,7 +170,7 @@ def test_an_ended_call_with_interrupted_consequences_gets_them(aws, sent):
     assert retry["attempt"] == 2 and retry["reason"] == "busy" and delay == 600
 
 
-def test_a_beeline_error_skips_only_that_call(aws, beeline_sandbox, no_backoff, sent):
+def test_a_beeline_error_skips_only_that_call(aws, beeline_sandbox, no_http_backoff, sent):
     broken = open_call("+79991110001", "200", ago=7200)
     healthy = open_call("+79991110002", "201", ago=60)
     stored_release(healthy, "55000002:1", answered=False)

@@ -34,16 +34,6 @@ def pbx(aws, beeline_sandbox, env):
 
 
 @pytest.fixture
-def no_backoff(monkeypatch):
-    """urllib3 retries the 503s with 1 s + 2 s of backoff; the same retries without the sleeping."""
-    from functions.core import http
-
-    real = http.idempotent_retry
-    monkeypatch.setattr(http, "idempotent_retry", lambda total=3: real(total).new(backoff_factor=0))
-    beeline.default_client.cache_clear()
-
-
-@pytest.fixture
 def metrics(monkeypatch):
     names: list[str] = []
     monkeypatch.setattr(subscriptions, "metric", lambda name, *a, **k: names.append(name))
@@ -133,7 +123,7 @@ def test_an_expired_subscription_is_recreated(aws, env, monkeypatch):
         pbx.stop()
 
 
-def test_503_on_put_keeps_the_current_subscription(pbx, no_backoff, metrics, log_output):
+def test_503_on_put_keeps_the_current_subscription(pbx, no_http_backoff, metrics, log_output):
     assert subscriptions.keep(now=T0) == "created"
     before = subscriptions.current()
     pbx.add_fault(count=100, status=503, operation="subscription")  # outlasts the client's own retries
@@ -148,7 +138,7 @@ def test_503_on_put_keeps_the_current_subscription(pbx, no_backoff, metrics, log
     assert live(pbx) == [subscriptions.current()["subscription_id"]] != [before["subscription_id"]]
 
 
-def test_an_unreachable_check_changes_nothing(pbx, no_backoff):
+def test_an_unreachable_check_changes_nothing(pbx, no_http_backoff):
     assert subscriptions.keep(now=T0) == "created"
     before = subscriptions.current()
     pbx.add_fault(count=100, status=503, operation="subscription_get")
@@ -156,7 +146,7 @@ def test_an_unreachable_check_changes_nothing(pbx, no_backoff):
     assert subscriptions.current() == before and live(pbx) == [before["subscription_id"]]
 
 
-def test_503_on_the_first_create_stores_nothing(pbx, no_backoff):
+def test_503_on_the_first_create_stores_nothing(pbx, no_http_backoff):
     pbx.add_fault(count=100, status=503, operation="subscription")
     assert subscriptions.keep() == "retry_later"
     assert subscriptions.current() is None and live(pbx) == []

@@ -12,7 +12,6 @@ For each callback message `{lead_id, attempt, due_at, reason, [call_id, manual]}
    only then originated: `POST abonents/{operator}/call?phoneNumber={10 digits}`.
 An originate that surely never reached Beeline is un-claimed and retried; one that may have (timeout)
 is left "dialing" for the call events or the reconciler to settle: it is never dialled twice.
-`on_outcome` is the retry policy (R-12) that the call tracker calls when a call ends.
 """
 
 from __future__ import annotations
@@ -20,31 +19,30 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from functions.calling import channels, dnc, operators, schedule
+from functions.calling import budget, channels, dnc, operators, retry_policy, schedule
 from functions.calling.working_hours import next_opening
-from functions.core import config, store
+from functions.core import config, times
 from functions.core.observability import logger, metric
 from functions.core.phones import mask, national_digits
 from functions.core.queues import Poison, Transient
 from functions.providers.beeline import client as beeline
 from functions.providers.salesrender import client as salesrender
-from functions.records import calls, leads, spend
+from functions.records import call_events, calls, leads
 
 NO_CHANNEL_RETRY_SECONDS = 30
 _EXT_TRACKING_ID = re.compile(r"\d+:\d+")
 FINAL_LEAD_STATES = ("done", "closed", "exhausted", "do_not_call", "budget_stopped")
-RETRYABLE = ("operator_missed", "busy", "no_answer", "failed")
 
 
 def _parse_due(value) -> dt.datetime:
-    try:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise Poison("callback has no valid due_at", code="malformed") from None
+    due = times.parse(value)
+    if due is None:
+        raise Poison("callback has no valid due_at", code="malformed")
+    return due
 
 
 def _finish_lead(lead_id: str, state: str, reason: str, log: dict) -> None:
-    leads.update(lead_id, state=state, finished_reason=reason, finished_at=store.now_iso())
+    leads.update(lead_id, state=state, finished_reason=reason, finished_at=times.now_iso())
     logger.info("lead finished without a call", extra={**log, "state": state, "reason": reason})
     metric("CallbacksSkipped", reason=reason)
 
@@ -108,7 +106,7 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
     if dnc.listed(lead["phone"]):
         _finish_lead(lead_id, "do_not_call", "do_not_call", log)
         return "do_not_call"
-    if not spend.allows_call(cfg, manual, now):
+    if not budget.allows_call(cfg, manual, now):
         _finish_lead(lead_id, "budget_stopped", "budget_exhausted", log)
         return "budget_exhausted"
 
@@ -127,8 +125,8 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
         return "no_free_operator"
     claimed = calls.claim(call_id, {
         "lead_id": lead_id, "offer_id": offer.id, "attempt": attempt, "phone": lead["phone"], "operator": operator,
-        "channel_slot": slot, "provider": provider, "manual": manual, "dialing_at": store.now_iso(),
-        "created_at": (existing or {}).get("created_at") or store.now_iso(),
+        "channel_slot": slot, "provider": provider, "manual": manual, "dialing_at": times.now_iso(),
+        "created_at": (existing or {}).get("created_at") or times.now_iso(),
     })
     if not claimed:
         operators.release(operator, call_id)
@@ -154,13 +152,11 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
         calls.finish(call_id, "failed", originate_error=str(exc))
         logger.error("originate rejected", extra={**log, "error": str(exc)})
         metric("OriginateFailed", provider=provider, code=exc.code)
-        on_outcome(call_id, now=now)
+        retry_policy.on_outcome(call_id, now=now)
         return "originate_failed"
-    calls.update(call_id, originated_at=store.now_iso(), originate_response=(response_text or "")[:200])
+    calls.update(call_id, originated_at=times.now_iso(), originate_response=(response_text or "")[:200])
     if response_text and _EXT_TRACKING_ID.fullmatch(response_text):
-        from functions.tracking import tracker
-
-        tracker.bind(response_text, call_id)  # Beeline said which call this is: no guessing needed
+        call_events.bind(response_text, call_id)  # Beeline said which call this is: no guessing needed
     logger.info("call originated", extra=log)
     metric("CallsOriginated", offer=str(offer.id))
     return "originated"
@@ -176,35 +172,3 @@ def _agent_status(client: beeline.BeelineClient, log: dict):
             return "UNKNOWN"
 
     return status
-
-
-def on_outcome(call_id: str, now: dt.datetime | None = None) -> str:
-    """The retry policy (R-12), for the call tracker once a call has ended with its outcome: schedule
-    the next attempt after the outcome's interval, or finish the lead. Returns what it did."""
-    now = now or dt.datetime.now(dt.UTC)
-    call = calls.get(call_id)
-    if call is None or call.get("state") != "ended":
-        raise ValueError(f"call {call_id} has not ended")
-    lead_id, attempt, outcome = call["lead_id"], int(call["attempt"]), call["outcome"]
-    log = {"lead_id": lead_id, "call_id": call_id, "attempt": attempt, "outcome": outcome}
-    if outcome == "answered":
-        leads.update(lead_id, state="done", finished_reason="answered", finished_at=store.now_iso())
-        return "done"
-    offer = config.load().offer(call["offer_id"])
-    if call.get("manual") or offer is None:
-        leads.update(lead_id, state="done", finished_reason=f"manual_{outcome}", finished_at=store.now_iso())
-        return "done"
-    rule = getattr(offer.retry, outcome)
-    if attempt >= min(rule.max_attempts, offer.retry.max_attempts):
-        leads.update(lead_id, state="exhausted", finished_reason=outcome, finished_at=store.now_iso())
-        logger.info("no more attempts", extra=log)
-        return "exhausted"
-    next_attempt = attempt + 1
-    # Marked on the lead once per attempt, so a duplicate outcome cannot schedule it twice.
-    if not leads.update(lead_id, only_if_missing=f"retry_{next_attempt}_at", **{f"retry_{next_attempt}_at":
-                                                                                store.now_iso()}):
-        return "already_scheduled"
-    schedule.schedule(lead_id, next_attempt, now + dt.timedelta(seconds=rule.interval_seconds), outcome, now=now)
-    leads.update(lead_id, state="callback_scheduled")
-    logger.info("retry scheduled", extra={**log, "next_attempt": next_attempt, "in_seconds": rule.interval_seconds})
-    return "retry_scheduled"

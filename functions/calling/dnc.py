@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functions.core import store
+from functions.core import store, times
 
 
 def _key(phone: str) -> dict:
@@ -10,7 +10,7 @@ def _key(phone: str) -> dict:
 
 
 def add(phone: str, reason: str = "") -> None:
-    store.update(_key(phone), {"phone": phone, "reason": reason, "added_at": store.now_iso()})
+    store.update(_key(phone), {"phone": phone, "reason": reason, "added_at": times.now_iso()})
 
 
 def remove(phone: str) -> None:

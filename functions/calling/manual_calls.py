@@ -13,53 +13,44 @@ import json
 import uuid
 
 from functions.calling import schedule
-from functions.core import config, secrets, store
+from functions.core import auth, config, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise, show
-from functions.intake.tilda_webhook import Reply
+from functions.core.replies import Reply, error
 from functions.records import calls, leads
 
 API_NAMESPACE = uuid.UUID("7a1f6c2e-2d3b-4e5f-8a9b-0c1d2e3f4a5b")
 
 
-def _error(status: int, field: str, message: str) -> Reply:
-    return Reply(status, {"error": message, "field": field})
-
-
-def authorised(headers: dict[str, str]) -> bool:
-    scheme, _, token = (headers.get("authorization") or "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.matches("CALLBRIDGE_API_TOKEN", token.strip())
-
-
 def create(body: bytes, headers: dict[str, str]) -> Reply:
-    if not authorised(headers):
-        return _error(401, "Authorization", "missing or wrong bearer token")
+    if not auth.bearer_ok(headers):
+        return error(401, "Authorization", "missing or wrong bearer token")
     try:
         data = json.loads(body or b"")
     except (ValueError, UnicodeDecodeError):
-        return _error(400, "body", "body must be a JSON object")
+        return error(400, "body", "body must be a JSON object")
     if not isinstance(data, dict):
-        return _error(400, "body", "body must be a JSON object")
+        return error(400, "body", "body must be a JSON object")
     raw_phone = data.get("phone")
     if not isinstance(raw_phone, str) or not raw_phone.strip():
-        return _error(422, "phone", "phone is required")
+        return error(422, "phone", "phone is required")
     try:
         phone = normalise(raw_phone)
     except InvalidPhone as exc:
-        return _error(422, "phone", str(exc))
+        return error(422, "phone", str(exc))
     offer_id = data.get("offer_id")
     if isinstance(offer_id, str) and offer_id.isdigit():
         offer_id = int(offer_id)
     if not isinstance(offer_id, int) or isinstance(offer_id, bool):
-        return _error(422, "offer_id", "offer_id must be an integer")
+        return error(422, "offer_id", "offer_id must be an integer")
     offer = config.load().offer(offer_id)
     if offer is None:
-        return _error(422, "offer_id", f"no offer with id {offer_id}")
+        return error(422, "offer_id", f"no offer with id {offer_id}")
 
     key = headers.get("idempotency-key")
     lead_id = str(uuid.uuid5(API_NAMESPACE, key)) if key else str(uuid.uuid4())
     call_id = calls.call_id_for(lead_id, 1)
-    now = store.now_iso()
+    now = times.now_iso()
     created = leads.create({"lead_id": lead_id, "source": "api", "state": "callback_scheduled", "offer_id": offer.id,
                             "phone": phone, "name": str(data.get("name") or "")[:200], "created_at": now})
     if created:
@@ -73,11 +64,11 @@ def create(body: bytes, headers: dict[str, str]) -> Reply:
 
 
 def read(call_id: str, headers: dict[str, str]) -> Reply:
-    if not authorised(headers):
-        return _error(401, "Authorization", "missing or wrong bearer token")
+    if not auth.bearer_ok(headers):
+        return error(401, "Authorization", "missing or wrong bearer token")
     call = calls.get(call_id)
     if call is None:
-        return _error(404, "call_id", "no such call")
+        return error(404, "call_id", "no such call")
     offer = config.load().offer(call.get("offer_id"))
     visibility = offer.phone_visibility if offer else "partial"
     return Reply(200, {

@@ -43,6 +43,11 @@ def reserve(pattern: str, call_id: str, now: float | None = None) -> bool:
     )
 
 
+def busy_call(pattern: str) -> str | None:
+    """The callbridge call the operator is reserved for, if any (expired or not)."""
+    return (store.get(_key(pattern)) or {}).get("busy_call")
+
+
 def release(pattern: str, call_id: str) -> bool:
     return store.update(_key(pattern), {}, remove=("busy_call", "busy_until"), condition="busy_call = :call",
                         values={":call": call_id})

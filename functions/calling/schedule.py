@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from functions.core import queues
+from functions.core import queues, times
 
 QUEUE = "callbacks"
-
-
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def schedule(lead_id: str, attempt: int, due_at: dt.datetime, reason: str,
@@ -24,7 +20,7 @@ def schedule(lead_id: str, attempt: int, due_at: dt.datetime, reason: str,
     `extra` carries a manual call's `call_id` and `manual` flag."""
     now = now or dt.datetime.now(dt.UTC)
     delay = max(0, int((due_at - now).total_seconds() + 0.999))
-    message = {"lead_id": lead_id, "attempt": attempt, "due_at": _iso(due_at), "reason": reason, **(extra or {})}
+    message = {"lead_id": lead_id, "attempt": attempt, "due_at": times.iso(due_at), "reason": reason, **(extra or {})}
     queues.send(QUEUE, message, delay_seconds=min(delay, queues.SQS_MAX_DELAY))
     return message
 
@@ -32,8 +28,8 @@ def schedule(lead_id: str, attempt: int, due_at: dt.datetime, reason: str,
 def hop(message: dict, now: dt.datetime | None = None) -> bool:
     """If the message is not yet due, send it on again for the remaining time; True if it hopped."""
     now = now or dt.datetime.now(dt.UTC)
-    due_at = dt.datetime.fromisoformat(message["due_at"].replace("Z", "+00:00"))
-    if due_at <= now:
+    due_at = times.parse(message["due_at"])
+    if due_at is None or due_at <= now:
         return False
     queues.send(QUEUE, message, delay_seconds=min(queues.SQS_MAX_DELAY, int((due_at - now).total_seconds() + 0.999)))
     return True

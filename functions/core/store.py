@@ -1,20 +1,15 @@
 """Small helpers over the state table (single-table design, keys `pk`/`sk`).
 
-Each data module (leads, calls, channels, operators, budget, dnc) owns its key layout and uses these
+Each data module (records/, and the calling stage's leases) owns its key layout and uses these
 for the DynamoDB mechanics: Decimal conversion, create-if-absent, conditional updates.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from decimal import Decimal
 
 from functions.core import resources
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def to_dynamo(value):

@@ -15,7 +15,7 @@ import datetime as dt
 import functools
 
 from functions.calling import schedule
-from functions.core import config, resources
+from functions.core import config, resources, times
 from functions.core.observability import logger, metric
 from functions.core.phones import mask
 from functions.core.queues import Poison, Transient
@@ -84,13 +84,13 @@ def process(message: dict, lambda_context=None) -> None:
         except IdempotencyAlreadyInProgressError:
             raise Transient("order creation for this lead is in progress elsewhere") from None
         except salesrender.SalesRenderError as exc:
-            leads.update(lead_id, last_error=str(exc), last_error_at=leads.now_iso())
+            leads.update(lead_id, last_error=str(exc), last_error_at=times.now_iso())
             metric("OrderFailures", offer=str(offer.id), code=exc.code)
             if not exc.transient:
                 leads.update(lead_id, state="failed", error=str(exc))
                 raise Poison(str(exc), code=exc.code) from None
             raise Transient(str(exc)) from None
-        leads.update(lead_id, order_id=order_id, state="ordered", ordered_at=leads.now_iso())
+        leads.update(lead_id, order_id=order_id, state="ordered", ordered_at=times.now_iso())
         logger.info("order created", extra={**log, "order_id": order_id})
         metric("OrdersCreated", offer=str(offer.id))
 
@@ -99,6 +99,6 @@ def process(message: dict, lambda_context=None) -> None:
         delay = config.callback_delay(offer)
         due = now + dt.timedelta(seconds=delay)
         schedule.schedule(lead_id, attempt=1, due_at=due, reason="new_lead", now=now)
-        leads.update(lead_id, only_if_missing="callback_scheduled_at", callback_scheduled_at=leads.now_iso(),
+        leads.update(lead_id, only_if_missing="callback_scheduled_at", callback_scheduled_at=times.now_iso(),
                      callback_due_at=due.isoformat(timespec="seconds"), state="callback_scheduled")
         logger.info("callback scheduled", extra={**log, "order_id": order_id, "delay_seconds": delay})

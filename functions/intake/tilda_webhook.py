@@ -14,11 +14,11 @@ import datetime as dt
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 
-from functions.core import config, queues, secrets
+from functions.core import config, queues, secrets, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise
+from functions.core.replies import Reply, error
 from functions.intake import tilda_form
 from functions.records import leads
 
@@ -27,29 +27,18 @@ REQUEUE_AFTER_SECONDS = 20
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: dict | str
-
-
-def _error(status: int, field_name: str, message: str, **extra) -> Reply:
-    return Reply(status, {"error": message, "field": field_name, **extra})
-
-
 def _reject(data: dict, field_name: str, message: str) -> Reply:
     rejected_id = leads.store_rejected("tilda", message, field_name, data)
     logger.warning("tilda post rejected", extra={"field": field_name, "reason": message, "rejected_id": rejected_id})
     metric("LeadsRejected", source="tilda")
-    return _error(422, field_name, message, rejected_id=rejected_id)
+    return error(422, field_name, message, rejected_id=rejected_id)
 
 
 def _stale(created_at: str) -> bool:
     """A lead still "received" this long after creation may have lost its enqueue (the first copy died
     mid-request): queue it again. Younger ones are being queued by a concurrent copy right now."""
-    try:
-        created = dt.datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-    except ValueError:
+    created = times.parse(created_at)
+    if created is None:
         return True
     return (dt.datetime.now(dt.UTC) - created).total_seconds() > REQUEUE_AFTER_SECONDS
 
@@ -60,13 +49,13 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         data = tilda_form.parse_body(body, content_type)
     except tilda_form.BadPost as exc:
         status = 415 if exc.field == "Content-Type" else 400
-        return _error(status, exc.field, str(exc))
+        return error(status, exc.field, str(exc))
     if tilda_form.is_test(data):
         return Reply(200, "ok")  # Tilda's connection check, with or without a key (R-4)
 
     presented = headers.get("x-api-key") or query.get("key") or data.get("api_key")
     if not isinstance(presented, str) or not secrets.matches("TILDA_API_KEY", presented):
-        return _error(401, "api_key", "missing or wrong API key")
+        return error(401, "api_key", "missing or wrong API key")
     data.pop("api_key", None)  # never store the credential with the lead
 
     cfg = config.load()
@@ -108,7 +97,7 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         "amount_rub": post.amount_rub,
         "products": [p.__dict__ for p in post.products],
         "raw": json.dumps(data, ensure_ascii=False)[:100_000],
-        "created_at": leads.now_iso(),
+        "created_at": times.now_iso(),
     }
     log = {"lead_id": lead_id, "offer_id": offer.id, "phone": mask(phone), "formid": post.formid,
            "tranid": post.tranid}

@@ -8,28 +8,18 @@ may use the bearer token instead of the signature.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import hmac
 import os
 from urllib.parse import quote
 
-from functions.calling.manual_calls import authorised
-from functions.core import resources, secrets
+from functions.core import auth, resources, secrets
+from functions.core.replies import Reply, error
 from functions.records import calls
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 PRESIGNED_SECONDS = 300
-
-
-@dataclasses.dataclass(frozen=True)
-class Redirect:
-    """A Reply (functions.intake.tilda_webhook) with response headers."""
-
-    status: int
-    body: dict | str
-    headers: dict = dataclasses.field(default_factory=dict)
 
 
 def signature(call_id: str) -> str:
@@ -65,14 +55,14 @@ def presigned_url(key: str) -> str:
                                          ExpiresIn=PRESIGNED_SECONDS)
 
 
-def redirect(call_id: str, query: dict, headers: dict[str, str]) -> Redirect:
+def redirect(call_id: str, query: dict, headers: dict[str, str]) -> Reply:
     """`headers` with lower-case names. Authorisation first, so unknown ids reveal nothing."""
-    if not (_signed(call_id, query.get("sig")) or authorised(headers)):
-        return Redirect(403, {"error": "missing or wrong link signature", "field": "sig"})
+    if not (_signed(call_id, query.get("sig")) or auth.bearer_ok(headers)):
+        return error(403, "sig", "missing or wrong link signature")
     call = calls.get(call_id)
     key = (call or {}).get("recording_key")
     if not key:
-        return Redirect(404, {"error": "no stored recording for this call", "field": "call_id"})
+        return error(404, "call_id", "no stored recording for this call")
     url = presigned_url(key)
     # no-store: the redirect target expires in minutes, so nobody may cache it under the stable link.
-    return Redirect(302, "", {"Location": url, "Cache-Control": "no-store"})
+    return Reply(302, "", {"Location": url, "Cache-Control": "no-store"})

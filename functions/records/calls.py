@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 
-from functions.core import store
+from functions.core import resources, store, times
 
 CALL_NAMESPACE = uuid.UUID("0c5d1e2a-3b4f-4a6b-9c8d-7e6f5a4b3c2d")
 STATES = ("queued", "dialing", "ringing", "talking", "ended")
@@ -22,6 +22,11 @@ def call_id_for(lead_id: str, attempt: int) -> str:
 
 def _key(call_id: str) -> dict:
     return {"pk": f"CALL#{call_id}", "sk": "CALL"}
+
+
+def create(call: dict) -> bool:
+    """Store a new call record unless one with its id exists; True when this created it."""
+    return store.put_new(_key(call["call_id"]), call)
 
 
 def create_queued(call: dict) -> bool:
@@ -53,30 +58,49 @@ def update(call_id: str, **changes) -> bool:
     return store.update(_key(call_id), changes, condition="attribute_exists(pk)")
 
 
+def progress(call_id: str, **changes) -> bool:
+    """Update a call that has not ended (a late "ringing" event must not reopen an ended call)."""
+    return store.update(_key(call_id), changes, condition="attribute_exists(pk) AND #state <> :ended",
+                        names={"#state": "state"}, values={":ended": "ended"})
+
+
 def finish(call_id: str, outcome: str, **changes) -> bool:
     """Mark the call ended with its outcome, once: a second finish (duplicate events) is False."""
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
     return store.update(_key(call_id), {**changes, "state": "ended", "outcome": outcome, "ended_at":
-                                        changes.get("ended_at") or store.now_iso()},
+                                        changes.get("ended_at") or times.now_iso()},
                         condition="attribute_exists(pk) AND #state <> :ended", names={"#state": "state"},
                         values={":ended": "ended"})
 
 
 def flag_once(call_id: str, flag: str) -> bool:
     """Set a marker attribute if absent: True for exactly one caller (a side effect runs once)."""
-    return store.update(_key(call_id), {flag: store.now_iso()},
+    return store.update(_key(call_id), {flag: times.now_iso()},
                         condition="attribute_exists(pk) AND attribute_not_exists(#flag)", names={"#flag": flag})
+
+
+# The lead's call history (pk=LEAD#<lead_id> sk=CALLLOG#<ended_at>#<call_id>): sorted by when each ended.
+def log_ended(lead_id: str, ended_at: str, call_id: str) -> None:
+    store.put_new({"pk": f"LEAD#{lead_id}", "sk": f"CALLLOG#{ended_at}#{call_id}"}, {"call_id": call_id})
+
+
+def ended_of_lead(lead_id: str) -> list[dict]:
+    """Every ended call of the lead, oldest first, each with its call_id."""
+    found = []
+    for item in store.query(f"LEAD#{lead_id}", "CALLLOG#"):
+        call = get(str(item["call_id"]))
+        if call is not None:
+            found.append({**call, "call_id": str(item["call_id"])})
+    return found
 
 
 # Calls not yet ended, for the reconciler (pk=OPENCALLS sk=<call_id>).
 def mark_open(call_id: str) -> None:
-    store.update({"pk": "OPENCALLS", "sk": call_id}, {"opened_at": store.now_iso()})
+    store.update({"pk": "OPENCALLS", "sk": call_id}, {"opened_at": times.now_iso()})
 
 
 def mark_closed(call_id: str) -> None:
-    from functions.core import resources
-
     resources.table().delete_item(Key={"pk": "OPENCALLS", "sk": call_id})
 
 

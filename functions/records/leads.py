@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from functions.core import resources, store
+from functions.core import resources, store, times
 
 LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
 REJECTED_TTL_SECONDS = 30 * 86400
@@ -21,9 +21,6 @@ REJECTED_TTL_SECONDS = 30 * 86400
 def lead_id_for(source: str, dedupe_key: str) -> str:
     """Deterministic: every copy of one submission maps to the same lead id (R-4)."""
     return str(uuid.uuid5(LEAD_NAMESPACE, f"{source}:{dedupe_key}"))
-
-
-now_iso = store.now_iso
 
 
 def _key(lead_id: str) -> dict:
@@ -61,7 +58,7 @@ def latest_by_phone(phone: str) -> dict | None:
 def store_rejected(source: str, reason: str, field_name: str, raw: dict) -> str:
     """Keep a rejected post (R-5: nothing lost) where an operator can find it by day."""
     rejected_id = str(uuid.uuid4())
-    now = now_iso()
+    now = times.now_iso()
     resources.table().put_item(
         Item={
             "pk": f"REJECTED#{now[:10]}",

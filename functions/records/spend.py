@@ -1,6 +1,6 @@
 """Telephony spend per calendar month (R-23), pk=SPEND#<yyyy-mm> sk=TOTAL.
 
-The dialer checks it before every automatic call; the call tracker adds each call's cost.
+The call tracker adds each call's cost; calling/budget.py checks it before every call.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 
 from functions.core import store
-from functions.core.config import Config
 
 
 def month(now: dt.datetime | None = None) -> str:
@@ -27,12 +26,3 @@ def add(rub: float, yyyy_mm: str | None = None) -> float:
     """Add a call's cost; returns the month's new total."""
     item = store.update(_key(yyyy_mm or month()), {}, add={"rub": round(rub, 2), "calls": 1}, return_new=True)
     return float(item["rub"])
-
-
-def allows_call(cfg: Config, manual: bool, now: dt.datetime | None = None) -> bool:
-    """False once the month's spend reached the budget and such calls are to stop (R-23)."""
-    if spent(month(now)) < cfg.budget.monthly_rub:
-        return True
-    if manual:
-        return cfg.budget.manual_calls_at_limit
-    return not cfg.budget.stop_auto_callbacks_at_limit

@@ -10,12 +10,12 @@ again by the next event of the call or by the reconciler.
 from __future__ import annotations
 
 import ipaddress
-import time
 
-from functions.core import config, resources, secrets, store
+from functions.core import config, secrets
 from functions.core.observability import logger, metric
-from functions.intake.tilda_webhook import Reply
+from functions.core.replies import Reply, error
 from functions.providers.beeline.events import BadEvent, parse
+from functions.records import call_events
 
 
 def _allowed(source_ip: str | None, cidrs: list[str]) -> bool:
@@ -31,29 +31,28 @@ def receive(secret: str, body: bytes, source_ip: str | None) -> Reply:
         return Reply(404, {"error": "not found"})
     if not _allowed(source_ip, config.load().provider.webhook_cidrs):
         logger.warning("beeline webhook from outside the allowlist", extra={"source_ip": source_ip})
-        return Reply(403, {"error": "caller not allowed", "field": "source_ip"})
+        return error(403, "source_ip", "caller not allowed")
     try:
         event = parse(body)
     except BadEvent as exc:
-        return Reply(400, {"error": str(exc), "field": "body"})
+        return error(400, "body", str(exc))
 
     from functions.tracking import tracker  # deferred: only real events pay for the tracker's imports
 
     if event.event_type == "SubscriptionTerminatedEvent":
-        marker = {"pk": f"XSIEVENT#{event.event_id}", "sk": "EVENT"}
-        if store.put_new(marker, {"type": event.event_type, "ttl": int(time.time()) + 7 * 86400}):
+        if call_events.mark_seen(event.event_id, event.event_type):
             from functions.tracking import subscriptions
 
             try:
                 subscriptions.on_terminated(event.subscription_id)
             except Exception:
-                resources.table().delete_item(Key=marker)  # let the sender's retry count again
+                call_events.unmark_seen(event.event_id)  # let the sender's retry count again
                 raise
         return Reply(200, "ok")
     if event.call is None or not event.call.ext_tracking_id:
         metric("EventsIgnored", type=event.event_type or "unknown")
         return Reply(200, "ok")  # HookStatusEvent and other types without a call: acknowledged
-    if not tracker.record(event):
+    if not call_events.store_event(event):
         return Reply(200, "ok")  # a copy (overlapping subscriptions, a retry)
     try:
         result = tracker.process(event)

@@ -25,6 +25,7 @@ import random
 import re
 import time
 
+from functions.core import times
 from functions.core.observability import logger, metric
 from functions.providers.beeline import client as beeline
 from functions.records import calls
@@ -52,25 +53,13 @@ def _seconds(name: str, default: int) -> int:
 
 
 def _epoch(value) -> float | None:
-    if not value:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
+    moment = times.parse(value)
+    return moment.timestamp() if moment else None
 
 
 def _iso_z(epoch: float) -> str:
     """Beeline's query format: ISO-8601 UTC with milliseconds and `Z`."""
-    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _iso_ms(ms: float) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return times.iso(dt.datetime.fromtimestamp(epoch, dt.UTC), "milliseconds")
 
 
 def _ten_digits(value) -> str:
@@ -124,9 +113,9 @@ def _settle_from_row(call_id: str, call: dict, row: dict) -> bool:
     start_ms = row["startDate"]
     # Statistics give the start and the talk time, not the answer moment: answered_at is the start (the
     # records list dates recordings by it too) and ended_at start + talk, both slightly early.
-    ended_at = _iso_ms(start_ms + max(0, duration_ms))
+    ended_at = times.from_epoch_ms(start_ms + max(0, duration_ms))
     if status != "MISSED" and duration_ms > 0:
-        return tracker.finalize(call_id, "answered", answered_at=_iso_ms(start_ms), ended_at=ended_at,
+        return tracker.finalize(call_id, "answered", answered_at=times.from_epoch_ms(start_ms), ended_at=ended_at,
                                      talk_seconds=round(duration_ms / 1000), source="statistics")
     if status == "MISSED":
         outcome = "no_answer" if call.get("direction") == "inbound" else "operator_missed"

@@ -23,7 +23,7 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from functions.core import resources, secrets, store
+from functions.core import resources, secrets, store, times
 from functions.core.observability import logger, metric
 from functions.providers.beeline import client as beeline
 
@@ -130,8 +130,7 @@ def _install(url: str, now: float, previous: dict | None, outcome: str, *, delet
     granted = int(granted) if isinstance(granted, int | float) and granted > 0 else REQUESTED_EXPIRES
     record = {"subscription_id": subscription_id, "url": _masked(url), "url_sha256": _digest(url),
               "subscription_type": SUBSCRIPTION_TYPE, "granted_expires": granted, "expires_at": int(now + granted),
-              "created_at": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds").replace(
-                  "+00:00", "Z")}
+              "created_at": times.iso(dt.datetime.fromtimestamp(now, dt.UTC))}
     if previous is None:
         stored = store.put_new(CURRENT, record)
     else:

@@ -21,22 +21,18 @@ event binds the id to that call. A Terminator leg with no such call is an inboun
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
 import math
 import time
-import uuid
 
-from functions.calling import channels, operators
-from functions.core import config, queues, store
+from functions.calling import channels, operators, retry_policy
+from functions.core import config, queues, times
 from functions.core.observability import logger, metric
-from functions.core.phones import InvalidPhone, mask, normalise
 from functions.providers.beeline.events import CallData, XsiEvent
-from functions.records import calls, leads, spend
+from functions.records import call_events, calls, leads, spend
+from functions.tracking import inbound
 
-EVENT_TTL_SECONDS = 60 * 86400
 ABONENTS_CACHE_SECONDS = 300
-INBOUND_NAMESPACE = uuid.UUID("3e9b8a7c-6d5e-4f3a-9b2c-1d0e9f8a7b6c")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,52 +86,12 @@ def derive(legs: list[CallData]) -> Derived:
     return Derived("dialing")
 
 
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-# --- storage of events and bindings --------------------------------------------------------------------
-
-def _track(ext: str) -> str:
-    return f"TRACK#{ext}"
-
-
-def _store_event(event: XsiEvent) -> bool:
-    leg = event.call
-    return store.put_new({"pk": _track(leg.ext_tracking_id), "sk": f"EVENT#{event.event_id}"}, {
-        "event_type": event.event_type, "target_id": event.target_id, "leg": dataclasses.asdict(leg),
-        "received_at": store.now_iso(), "ttl": int(time.time()) + EVENT_TTL_SECONDS,
-    })
-
-
-def _legs(ext: str) -> list[CallData]:
-    legs = []
-    for item in store.query(_track(ext), "EVENT#"):
-        leg = dict(item["leg"])
-        leg["redirect_addresses"] = tuple(leg.get("redirect_addresses") or ())
-        legs.append(CallData(**leg))
-    return legs
-
-
-def bind(ext: str, call_id: str, target_id: str = "") -> str:
-    """Tie an extTrackingId to a call, once; returns the call it is bound to (the first binding wins)."""
-    key = {"pk": _track(ext), "sk": "CALL"}
-    if not store.put_new(key, {"call_id": call_id}):
-        return store.get(key)["call_id"]
-    calls.update(call_id, ext_tracking_id=ext, **({"target_id": target_id} if target_id else {}))
-    return call_id
-
-
-def bound_call(ext: str) -> str | None:
-    return (store.get({"pk": _track(ext), "sk": "CALL"}) or {}).get("call_id")
-
+# --- which callbridge call an event belongs to ------------------------------------------------------
 
 @functools.cache
 def _abonent_index(_bucket: int) -> dict[str, set[str]]:
     """userId -> every pattern that names the abonent (userId, extension, phone); cached 5 minutes."""
-    from functions.providers.beeline import client as beeline
+    from functions.providers.beeline import client as beeline  # deferred: most events never need it
 
     index: dict[str, set[str]] = {}
     for abonent in beeline.default_client().abonents():
@@ -154,8 +110,7 @@ def _patterns_for(target_id: str) -> set[str]:
 
 def _find_outbound(event: XsiEvent) -> str | None:
     for pattern in _patterns_for(event.target_id):
-        state = store.get({"pk": f"OPERATOR#{pattern}", "sk": "STATE"}) or {}
-        call_id = state.get("busy_call")
+        call_id = operators.busy_call(pattern)
         if call_id:
             call = calls.get(call_id) or {}
             if call.get("state") not in (None, "ended", "queued") and not call.get("ext_tracking_id"):
@@ -163,64 +118,14 @@ def _find_outbound(event: XsiEvent) -> str | None:
     return None
 
 
-# --- inbound calls (R-18) ------------------------------------------------------------------------------
-
-def _start_inbound(event: XsiEvent) -> str | None:
-    leg = event.call
-    try:
-        caller = normalise(leg.remote_address.removeprefix("tel:"))
-    except InvalidPhone:
-        return None
-    cfg = config.load()
-    offer = None
-    for address in reversed(leg.redirect_addresses):  # the last redirection is the number dialled
-        try:
-            dialled = normalise(address.removeprefix("tel:"))
-        except InvalidPhone:
-            continue
-        offer = next((o for o in cfg.offers if o.caller_id == dialled), None)
-        if offer:
-            break
-    offer = offer or (cfg.offer(cfg.default_offer_id) if cfg.default_offer_id is not None else None)
-    if offer is None:
-        logger.info("inbound call to no offer's number: ignored", extra={"phone": mask(caller)})
-        return None
-    ext = leg.ext_tracking_id
-    call_id = str(uuid.uuid5(INBOUND_NAMESPACE, ext))
-    known = leads.latest_by_phone(caller)
-    if known:
-        lead_id = known["lead_id"]
-    else:
-        lead_id = leads.lead_id_for("inbound", ext)
-        now = store.now_iso()
-        if leads.create({"lead_id": lead_id, "source": "inbound_call", "state": "received", "offer_id": offer.id,
-                         "phone": caller, "phone_key": caller, "name": "", "comment": "Входящий звонок",
-                         "created_at": now, "utm": {}, "products": []}):
-            queues.send("intake", {"lead_id": lead_id})
-            metric("InboundLeads", offer=str(offer.id))
-    store.put_new({"pk": f"CALL#{call_id}", "sk": "CALL"}, {
-        "call_id": call_id, "lead_id": lead_id, "offer_id": offer.id, "attempt": 0, "phone": caller,
-        "direction": "inbound", "state": "ringing", "operator": event.target_id, "created_at": store.now_iso(),
-    })
-    calls.mark_open(call_id)
-    logger.info("inbound call", extra={"call_id": call_id, "lead_id": lead_id, "phone": mask(caller),
-                                       "known_lead": bool(known)})
-    return call_id
-
-
 # --- applying events -----------------------------------------------------------------------------------
-
-def record(event: XsiEvent) -> bool:
-    """Store the event once (deduplicated by eventID); False for a copy already stored."""
-    return _store_event(event)
-
 
 def apply(event: XsiEvent) -> str:
     """Store one call event and bring its call up to date; returns what happened."""
     leg = event.call
     if leg is None or not leg.ext_tracking_id:
         return "no_call"
-    if not record(event):
+    if not call_events.store_event(event):
         return "duplicate"
     return process(event)
 
@@ -229,31 +134,29 @@ def process(event: XsiEvent) -> str:
     """Bring the event's call up to date from every stored event (the event itself already stored)."""
     leg = event.call
     ext = leg.ext_tracking_id
-    call_id = bound_call(ext)
+    call_id = call_events.bound_call(ext)
     if call_id is None:
         found = _find_outbound(event)
         if found is None and leg.personality == "Terminator":
-            found = _start_inbound(event)
+            found = inbound.start(event)
         if found is None:
             logger.info("event for no known call: kept", extra={"ext_tracking_id": ext, "type": event.event_type})
             return "unbound"
-        call_id = bind(ext, found, event.target_id)
+        call_id = call_events.bind(ext, found, event.target_id)
     return refresh(call_id, ext)
 
 
 def refresh(call_id: str, ext: str) -> str:
     """Re-derive the call from its stored events and record the result."""
-    derived = derive(_legs(ext))
+    derived = derive(call_events.legs(ext))
     if derived.state == "ended":
-        finalize(call_id, derived.outcome, answered_at=_iso(derived.answered_ms), ended_at=_iso(derived.ended_ms),
-                 talk_seconds=derived.talk_seconds, source="events")
+        finalize(call_id, derived.outcome, answered_at=times.from_epoch_ms(derived.answered_ms),
+                 ended_at=times.from_epoch_ms(derived.ended_ms), talk_seconds=derived.talk_seconds, source="events")
         return "ended"
     changes = {"state": derived.state}
     if derived.answered_ms:
-        changes["answered_at"] = _iso(derived.answered_ms)
-    store.update({"pk": f"CALL#{call_id}", "sk": "CALL"}, changes,
-                 condition="attribute_exists(pk) AND #state <> :ended", names={"#state": "state"},
-                 values={":ended": "ended"})
+        changes["answered_at"] = times.from_epoch_ms(derived.answered_ms)
+    calls.progress(call_id, **changes)
     if derived.state == "talking":
         call = calls.get(call_id) or {}
         if call.get("channel_slot") is not None:  # a long conversation keeps its channel and its operator
@@ -272,7 +175,7 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
     talk = int(talk_seconds) if answered else 0
     cost = math.ceil(talk / 60) * cfg.tariff_rub_per_minute if talk else 0.0
     ended_now = calls.finish(call_id, outcome, answered_at=answered_at if answered else None,
-                             ended_at=ended_at or store.now_iso(), talk_seconds=talk, cost_rub=round(cost, 2),
+                             ended_at=ended_at or times.now_iso(), talk_seconds=talk, cost_rub=round(cost, 2),
                              short_call=answered and talk < 60, settled_by=source)
     call = calls.get(call_id)
     if call is None or call.get("effects_done"):
@@ -284,15 +187,12 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
             channels.release(call["provider"], int(call["channel_slot"]), call_id)
         if call.get("operator"):
             operators.release(call["operator"], call_id)
-    store.put_new({"pk": f"LEAD#{call['lead_id']}", "sk": f"CALLLOG#{call['ended_at']}#{call_id}"},
-                  {"call_id": call_id})
+    calls.log_ended(call["lead_id"], call["ended_at"], call_id)
     if call.get("direction") == "inbound":
         if call["outcome"] == "answered":
-            leads.update(call["lead_id"], called_by_person_at=store.now_iso())
+            leads.update(call["lead_id"], called_by_person_at=times.now_iso())
     else:
-        from functions.calling import dialer
-
-        dialer.on_outcome(call_id)
+        retry_policy.on_outcome(call_id)
     if calls.flag_once(call_id, "post_call_queued"):
         job = "recording" if call["outcome"] == "answered" and cfg.provider.recording else "writeback"
         queues.send("recordings", {"job": job, "call_id": call_id})

@@ -52,7 +52,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
@@ -378,6 +378,11 @@ class _SimClock:
 class BeelineSandbox(SandboxServer):
     """In-memory Beeline Cloud PBX served over HTTP. Use `start()`/`stop()` or `with BeelineSandbox() as pbx`."""
 
+    fault_keys = frozenset({"count", "status", "delay_seconds", "operation", "proceed"})
+    fault_methods = ("GET", "POST", "DELETE")
+    json_response = _Response
+    unquote_control_path = True  # abonent patterns such as userIds (with "@") come percent-encoded
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, time_scale: float = 1.0,
                  max_expires: int = 86400, originate_body: str = "empty", recording_delay_seconds: float = 0.0,
                  verbose: bool = False, *, abonents: list[dict[str, Any]] | None = None,
@@ -536,6 +541,10 @@ class BeelineSandbox(SandboxServer):
     def faults(self) -> list[dict[str, Any]]:
         with self._lock:
             return copy.deepcopy(self._faults)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
 
     def subscriptions(self) -> list[dict[str, Any]]:
         """Live (unexpired) subscriptions with the seconds left and how many events each was sent."""
@@ -1279,109 +1288,73 @@ class BeelineSandbox(SandboxServer):
 
     # ---- control endpoints -----------------------------------------------------------------------------
 
-    def handle_control(self, method: str, path: str, body: bytes) -> _Response:
-        parts = [unquote(p) for p in path.split("/") if p][1:]  # drop "_sandbox"
-        try:
-            if parts == ["health"]:
-                allow_methods(method, "GET")
-                return _Response(200, {"ok": True})
-            if parts == ["calls"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.calls())
-            if parts == ["stats"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.stats())
-            if parts == ["outcomes"]:
-                allow_methods(method, "GET", "POST", "DELETE")
-                if method == "POST":
-                    for phone, spec in json_object(body).items():
-                        if isinstance(spec, str):
-                            spec = {"outcome": spec}
-                        if not isinstance(spec, dict) or set(spec) - {"outcome", "talk_seconds"}:
-                            raise SandboxError(400, 'each value must be {"outcome": ..., "talk_seconds"?: ...}')
-                        try:
-                            _validate_outcome(phone, spec.get("outcome"), spec.get("talk_seconds"))
-                        except ValueError as exc:
-                            raise SandboxError(400, str(exc)) from None
-                        self.set_outcome(phone, spec["outcome"], spec.get("talk_seconds"))
-                elif method == "DELETE":
-                    with self._lock:
-                        self._outcomes.clear()
-                return _Response(200, self.outcomes())
-            if parts == ["inbound"]:
-                allow_methods(method, "POST")
-                spec = json_object(body)
-                unknown = set(spec) - INBOUND_KEYS
-                if unknown:
-                    raise SandboxError(400, f"unknown inbound keys: {sorted(unknown)}")
-                try:
-                    view = self.inbound(spec.get("from"), spec.get("to"), spec.get("extension", "200"),
-                                        spec.get("outcome", "answered"), spec.get("talk_seconds"))
-                except ValueError as exc:
-                    raise SandboxError(400, str(exc)) from None
-                return _Response(200, view)
-            if parts == ["faults"]:
-                allow_methods(method, "GET", "POST", "DELETE")
-                if method == "GET":
-                    return _Response(200, self.faults())
-                if method == "DELETE":
-                    with self._lock:
-                        self._faults.clear()
-                    return _Response(200, [])
-                spec = json_object(body)
-                unknown = set(spec) - {"count", "status", "delay_seconds", "operation", "proceed"}
-                if unknown:
-                    raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
-                try:
-                    return _Response(200, self.add_fault(**spec))
-                except ValueError as exc:
-                    raise SandboxError(400, str(exc)) from None
-            if parts == ["subscriptions"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.subscriptions())
-            if len(parts) == 3 and parts[0] == "subscriptions" and parts[2] == "terminate":
-                allow_methods(method, "POST")
-                return _Response(200, self.terminate_subscription(parts[1]))
-            if len(parts) == 2 and parts[0] == "agent":
-                allow_methods(method, "GET", "PUT")
-                if method == "PUT":
-                    value = json.loads(body) if body else None
-                    if isinstance(value, dict):
-                        value = value.get("agentStatus", value.get("status"))
+    def _control_views(self) -> dict[str, Callable[[], Any]]:
+        return {"calls": self.calls, "stats": self.stats, "subscriptions": self.subscriptions,
+                "records": self.records, "deliveries": self.deliveries}
+
+    def _control_route(self, method: str, parts: list[str], body: bytes) -> _Response | None:
+        if parts == ["outcomes"]:
+            allow_methods(method, "GET", "POST", "DELETE")
+            if method == "POST":
+                for phone, spec in json_object(body).items():
+                    if isinstance(spec, str):
+                        spec = {"outcome": spec}
+                    if not isinstance(spec, dict) or set(spec) - {"outcome", "talk_seconds"}:
+                        raise SandboxError(400, 'each value must be {"outcome": ..., "talk_seconds"?: ...}')
                     try:
-                        self.set_agent_status(parts[1], value)
+                        _validate_outcome(phone, spec.get("outcome"), spec.get("talk_seconds"))
                     except ValueError as exc:
                         raise SandboxError(400, str(exc)) from None
-                return _Response(200, {"agentStatus": self.agent_status(parts[1])})
-            if parts == ["records"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.records())
-            if parts == ["deliveries"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.deliveries())
-            if parts == ["hold"]:
-                allow_methods(method, "GET", "POST")
-                if method == "POST":
-                    value = json_object(body).get("hold")
-                    if not isinstance(value, bool):
-                        raise SandboxError(400, 'body must be {"hold": true|false}')
-                    self.hold(value)
-                return _Response(200, {"hold": self._hold})
-            if parts == ["wait-idle"]:
-                allow_methods(method, "POST")
-                timeout = json_object(body).get("timeout", 10)
-                if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout <= 300:
-                    raise SandboxError(400, "timeout must be 0-300 seconds")
-                return _Response(200, {"idle": self.wait_idle(timeout)})
-            if parts == ["reset"]:
-                allow_methods(method, "POST")
-                self.reset()
-                return _Response(200, {"ok": True})
-        except SandboxError as exc:
-            return _Response(exc.status, {"error": str(exc)})
-        except ValueError:
-            return _Response(400, {"error": "body is not valid JSON"})
-        return _Response(404, {"error": "not found"})
+                    self.set_outcome(phone, spec["outcome"], spec.get("talk_seconds"))
+            elif method == "DELETE":
+                with self._lock:
+                    self._outcomes.clear()
+            return _Response(200, self.outcomes())
+        if parts == ["inbound"]:
+            allow_methods(method, "POST")
+            spec = json_object(body)
+            unknown = set(spec) - INBOUND_KEYS
+            if unknown:
+                raise SandboxError(400, f"unknown inbound keys: {sorted(unknown)}")
+            try:
+                view = self.inbound(spec.get("from"), spec.get("to"), spec.get("extension", "200"),
+                                    spec.get("outcome", "answered"), spec.get("talk_seconds"))
+            except ValueError as exc:
+                raise SandboxError(400, str(exc)) from None
+            return _Response(200, view)
+        if len(parts) == 3 and parts[0] == "subscriptions" and parts[2] == "terminate":
+            allow_methods(method, "POST")
+            return _Response(200, self.terminate_subscription(parts[1]))
+        if len(parts) == 2 and parts[0] == "agent":
+            allow_methods(method, "GET", "PUT")
+            if method == "PUT":
+                # Not json_object: the body may also be a bare JSON string ("BREAK").
+                try:
+                    value = json.loads(body) if body else None
+                except ValueError:
+                    raise SandboxError(400, "body is not valid JSON") from None
+                if isinstance(value, dict):
+                    value = value.get("agentStatus", value.get("status"))
+                try:
+                    self.set_agent_status(parts[1], value)
+                except ValueError as exc:
+                    raise SandboxError(400, str(exc)) from None
+            return _Response(200, {"agentStatus": self.agent_status(parts[1])})
+        if parts == ["hold"]:
+            allow_methods(method, "GET", "POST")
+            if method == "POST":
+                value = json_object(body).get("hold")
+                if not isinstance(value, bool):
+                    raise SandboxError(400, 'body must be {"hold": true|false}')
+                self.hold(value)
+            return _Response(200, {"hold": self._hold})
+        if parts == ["wait-idle"]:
+            allow_methods(method, "POST")
+            timeout = json_object(body).get("timeout", 10)
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout <= 300:
+                raise SandboxError(400, "timeout must be 0-300 seconds")
+            return _Response(200, {"idle": self.wait_idle(timeout)})
+        return None
 
 
 class _Handler(SandboxHandler):

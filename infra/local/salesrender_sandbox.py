@@ -28,7 +28,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -313,6 +313,9 @@ class _Response:
 
 class SalesRenderSandbox(SandboxServer):
     """In-memory SalesRender company served over HTTP. Use `start()`/`stop()` or `with SalesRenderSandbox() as sr`."""
+
+    json_response = _Response
+    fault_keys = frozenset({"count", "status", "graphql_error", "delay_seconds", "operation", "message"})
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, company_id: str = "1",
                  projects: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None,
@@ -636,43 +639,17 @@ class SalesRenderSandbox(SandboxServer):
         body["data"] = result.data
         return _Response(200, body)
 
-    def handle_control(self, method: str, path: str, body: bytes) -> _Response:
-        parts = [p for p in path.split("/") if p][1:]  # drop "_sandbox"
-        try:
-            if parts == ["health"]:
-                allow_methods(method, "GET")
-                return _Response(200, {"ok": True})
-            if parts == ["orders"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.orders())
-            if parts == ["requests"]:
-                allow_methods(method, "GET")
-                return _Response(200, self.requests_log())
-            if parts == ["faults"]:
-                allow_methods(method, "GET", "POST")
-                if method == "GET":
-                    return _Response(200, self.faults())
-                spec = json_object(body)
-                unknown = set(spec) - {"count", "status", "graphql_error", "delay_seconds", "operation", "message"}
-                if unknown:
-                    raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
-                try:
-                    return _Response(200, self.add_fault(**spec))
-                except ValueError as exc:
-                    raise SandboxError(400, str(exc)) from None
-            if len(parts) == 3 and parts[0] == "orders" and parts[2] == "status":
-                allow_methods(method, "POST")
-                spec = json_object(body)
-                if spec.get("status_id") is None:
-                    raise SandboxError(400, "status_id is required")
-                return _Response(200, self.set_order_status(parts[1], spec["status_id"]))
-            if parts == ["reset"]:
-                allow_methods(method, "POST")
-                self.reset()
-                return _Response(200, {"ok": True})
-        except SandboxError as exc:
-            return _Response(exc.status, {"error": str(exc)})
-        return _Response(404, {"error": "not found"})
+    def _control_views(self) -> dict[str, Callable[[], Any]]:
+        return {"orders": self.orders, "requests": self.requests_log}
+
+    def _control_route(self, method: str, parts: list[str], body: bytes) -> _Response | None:
+        if len(parts) == 3 and parts[0] == "orders" and parts[2] == "status":
+            allow_methods(method, "POST")
+            spec = json_object(body)
+            if spec.get("status_id") is None:
+                raise SandboxError(400, "status_id is required")
+            return _Response(200, self.set_order_status(parts[1], spec["status_id"]))
+        return None
 
 
 def _formatted(error: GraphQLError, code: str) -> dict[str, Any]:

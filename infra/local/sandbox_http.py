@@ -2,8 +2,9 @@
 
 Both sandboxes serve a handler from a background `ThreadingHTTPServer`, read request bodies under the same
 strict rules (Content-Length only, bounded size), log only method, path and status, and run the same
-`python -m` loop (serve until SIGINT/SIGTERM, then stop). Keeping that here means the two cannot drift
-apart; each sandbox brings only its routes, its error bodies and any work of its own on start or stop.
+`python -m` loop (serve until SIGINT/SIGTERM, then stop). They also answer the `/_sandbox/` control
+endpoints they have in common (health, faults, reset) the same way. Keeping that here means the two cannot
+drift apart; each sandbox brings only its routes, its error bodies and any work of its own on start or stop.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Protocol, Self
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 
 class SandboxError(Exception):
@@ -145,6 +147,11 @@ class SandboxServer:
     """
 
     verbose: bool  # read by SandboxHandler.log_request
+    # The sandbox's response type, called as json_response(status, body): the JSON content types differ.
+    json_response: ClassVar[Callable[[int, Any], SandboxResponse]]
+    fault_keys: ClassVar[frozenset[str]]  # what POST /_sandbox/faults may set: the parameters of add_fault
+    fault_methods: ClassVar[tuple[str, ...]] = ("GET", "POST")  # with "DELETE", DELETE calls clear_faults
+    unquote_control_path: ClassVar[bool] = False  # decode %XX in control path segments before matching
 
     def __init__(self, host: str, port: int, *, handler: type[SandboxHandler], thread_name: str):
         self.host = host
@@ -201,6 +208,74 @@ class SandboxServer:
     def api_url(self) -> str:
         """The URL clients are configured with; sandboxes override it when their API lives under a path."""
         return self.base_url
+
+    # ---- /_sandbox/ control endpoints ------------------------------------------------------------------
+
+    def _control_views(self) -> Mapping[str, Callable[[], Any]]:
+        """Hook: read-only control endpoints, `GET /_sandbox/<name>` answering `view()` as JSON."""
+        return {}
+
+    def _control_route(self, method: str, parts: list[str], body: bytes) -> SandboxResponse | None:
+        """Hook: answer a control path (`parts` after "_sandbox") this sandbox adds, or None if it has none."""
+        return None
+
+    def faults(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def add_fault(self, count: int = 1, **spec: Any) -> dict[str, Any]:
+        """Queue a fault; raises ValueError for a bad spec."""
+        raise NotImplementedError
+
+    def clear_faults(self) -> None:
+        """Needed only when `fault_methods` has "DELETE"."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def handle_control(self, method: str, path: str, body: bytes) -> SandboxResponse:
+        """Answer `/_sandbox/...`: health, faults, reset and `_control_views` here, the rest via `_control_route`.
+
+        No auth. A SandboxError becomes `{"error": message}` with its status; an unknown path is a 404.
+        """
+        parts = [p for p in path.split("/") if p][1:]  # drop "_sandbox"
+        if self.unquote_control_path:
+            parts = [unquote(p) for p in parts]
+        try:
+            if parts == ["health"]:
+                allow_methods(method, "GET")
+                return self.json_response(200, {"ok": True})
+            if parts == ["faults"]:
+                return self._faults_control(method, body)
+            if parts == ["reset"]:
+                allow_methods(method, "POST")
+                self.reset()
+                return self.json_response(200, {"ok": True})
+            view = self._control_views().get(parts[0]) if len(parts) == 1 else None
+            if view is not None:
+                allow_methods(method, "GET")
+                return self.json_response(200, view())
+            response = self._control_route(method, parts, body)
+        except SandboxError as exc:
+            return self.json_response(exc.status, {"error": str(exc)})
+        return response if response is not None else self.json_response(404, {"error": "not found"})
+
+    def _faults_control(self, method: str, body: bytes) -> SandboxResponse:
+        allow_methods(method, *self.fault_methods)
+        if method == "GET":
+            return self.json_response(200, self.faults())
+        if method == "DELETE":
+            self.clear_faults()
+            return self.json_response(200, [])
+        spec = json_object(body)
+        # Reject unknown keys here: passed on to add_fault they would be a TypeError, i.e. a 500.
+        unknown = set(spec) - self.fault_keys
+        if unknown:
+            raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
+        try:
+            return self.json_response(200, self.add_fault(**spec))
+        except ValueError as exc:
+            raise SandboxError(400, str(exc)) from None
 
 
 def serve_until_signalled(sandbox: SandboxServer, name: str) -> int:

@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def package(tmp_path_factory):
     out = tmp_path_factory.mktemp("package")
     shutil.rmtree(ROOT / ".chalice" / "deployments", ignore_errors=True)  # Chalice caches old zips there
-    env = {**os.environ, "CALLBRIDGE_STAGE": "dev", "AWS_DEFAULT_REGION": "us-east-1"}
-    subprocess.run([sys.executable, "-c", "from chalice.cli import main; main()", "package", "--stage", "dev",
+    env = {**os.environ, "CALLBRIDGE_STAGE": "dev", "CALLBRIDGE_CONFIG": "config/dev.yaml",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    # sys.exit(main()): chalice.cli.main returns its exit status, so a bare main() always exits 0.
+    subprocess.run([sys.executable, "-c", "import sys; from chalice.cli import main; sys.exit(main())", "package",
+                    "--stage", "dev",
                     str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     with zipfile.ZipFile(out / "deployment.zip") as zf:
         names = set(zf.namelist())
@@ -49,3 +52,11 @@ def test_intake_worker_reads_its_stage_queue_one_message_at_a_time(package):
     assert event["Properties"]["Queue"]["Fn::Sub"].endswith(":callbridge-dev-intake")
     assert event["Properties"]["BatchSize"] == 1
     assert worker["Timeout"] == 60
+
+
+def test_callbacks_read_one_dialer_per_channel_and_slow_schedules_have_time(package):
+    _, sam = package
+    [event] = sam["Resources"]["CallbackWorker"]["Properties"]["Events"].values()
+    assert event["Properties"]["ScalingConfig"] == {"MaximumConcurrency": 5}  # config/dev.yaml channel_limit
+    assert sam["Resources"]["SubscriptionKeeper"]["Properties"]["Timeout"] == 180
+    assert sam["Resources"]["CallReconciler"]["Properties"]["Timeout"] == 120

@@ -6,7 +6,7 @@ STAGE ?= dev
 QUEUE ?= intake
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: install run demo test lint unit e2e cfn-lint bench package replay-dlq clean
+.PHONY: install run demo test lint unit e2e cfn-lint bench package deploy destroy replay-dlq clean
 
 # The virtual environment is rebuilt when the pinned requirements change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -17,8 +17,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 ## The whole system locally: moto server, AWS resources from infra/template.yaml, sandboxes, app, runner.
+## Its state survives a restart (build/local/); make run FRESH=1 starts empty.
 run: install
-	$(PY) -m infra.local.run
+	$(PY) -m infra.local.run $(if $(filter-out 0,$(FRESH)),--fresh)
 
 ## A sample lead through the running local stack, with its timeline (start `make run` first).
 demo: install
@@ -47,14 +48,22 @@ bench: install
 	$(PY) -m bench.tilda_latency
 	$(PY) -m bench.callback_latency --leads 50
 
-## The Lambda package of a stage, into build/<stage>/ (functions/ ships through vendor/functions).
+## The Lambda package of a stage, into build/<stage>/ (functions/ ships through vendor/functions), checked to be
+## wired to that stage's queues, names and policy.
 package: install
-	rm -rf .chalice/deployments build/$(STAGE)
-	CALLBRIDGE_STAGE=$(STAGE) $(VENV)/bin/chalice package --stage $(STAGE) build/$(STAGE)
+	$(PY) -m infra.deploy package --stage $(STAGE) --out build/$(STAGE)
 
-## Re-drive a dead-letter queue: make replay-dlq QUEUE=intake (AWS_ENDPOINT_URL for the local stack).
+## One-command deploy to the AWS account of your credentials: make deploy STAGE=prod (README "Deploying").
+deploy: install
+	$(PY) -m infra.deploy deploy --stage $(STAGE)
+
+## Remove a deployed stage: make destroy STAGE=dev [DELETE_BUCKET=1] [YES=1]
+destroy: install
+	$(PY) -m infra.deploy destroy --stage $(STAGE) $(if $(DELETE_BUCKET),--delete-bucket) $(if $(YES),--yes)
+
+## Re-drive a dead-letter queue: make replay-dlq QUEUE=intake [STAGE=local|dev|prod] [DRY_RUN=1] [MAX=N]
 replay-dlq: install
-	CALLBRIDGE_STAGE=$(STAGE) $(PY) -m functions.core.replay_dlq $(QUEUE)
+	$(PY) -m functions.core.replay_dlq $(QUEUE) --stage $(STAGE) $(if $(DRY_RUN),--dry-run) $(if $(MAX),--max $(MAX))
 
 clean:
 	rm -rf $(VENV) build .chalice/deployments .pytest_cache .ruff_cache

@@ -8,10 +8,10 @@ CloudFormation template and the local stack agree.
 from chalice import Chalice, ConvertToMiddleware, Rate, Response
 
 from functions.core import resources
-from functions.core.observability import logger
+from functions.core.observability import invocation_context
 
 app = Chalice(app_name="callbridge")
-app.register_middleware(ConvertToMiddleware(logger.inject_lambda_context))
+app.register_middleware(ConvertToMiddleware(invocation_context))
 
 FORM_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/form-data"]
 
@@ -62,8 +62,8 @@ def read_call(call_id):
     return _reply(manual_calls.read(call_id, _headers(app.current_request)))
 
 
-@app.route("/webhooks/beeline/{secret}", methods=["POST"],
-           content_types=["application/xml", "text/xml", "application/octet-stream"])
+# No application/octet-stream: Chalice refuses to deploy a route mixing binary and text content types.
+@app.route("/webhooks/beeline/{secret}", methods=["POST"], content_types=["application/xml", "text/xml"])
 def beeline_webhook(secret):
     from functions.tracking import beeline_webhook as webhook
 
@@ -89,7 +89,8 @@ def intake_worker(event):
         queues.run("intake", record, lambda body: order_worker.process(body, event.context))
 
 
-@app.on_sqs_message(queue=resources.queue_name("callbacks"), batch_size=1)
+@app.on_sqs_message(queue=resources.queue_name("callbacks"), batch_size=1,
+                    maximum_concurrency=resources.max_concurrency("callbacks"))
 def callback_worker(event):
     from functions.calling import dialer
     from functions.core import queues

@@ -308,3 +308,17 @@ def deliver(kind: str, handler_name: str) -> list[bool]:
 
 def bodies(messages: list[dict]) -> list[dict]:
     return [json.loads(m["Body"]) for m in messages]
+
+
+def post_lead(client, sample="tilda_form_urlencoded.txt", content_type="application/x-www-form-urlencoded") -> str:
+    """Post a sample from events/ to the Tilda webhook; returns its lead id, the intake message left visible."""
+    from functions.core import resources
+
+    response = client.http.post("/webhooks/tilda", body=(EVENTS / sample).read_text().strip(),
+                                headers={"Content-Type": content_type, "X-Api-Key": TILDA_KEY})
+    assert response.status_code == 200
+    [message] = receive("intake")
+    # Peeking hid it: make it visible again for the worker.
+    resources.client("sqs").change_message_visibility(
+        QueueUrl=resources.queue_url("intake"), ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+    return json.loads(message["Body"])["lead_id"]

@@ -55,7 +55,8 @@ def test_manual_call_is_queued_then_dialled_and_readable(client, salesrender_san
     after = client.http.get(f"/v1/calls/{call_id}", headers=AUTH).json_body
     assert after["state"] != "queued" and after["operator"] == originate["pattern"]
     assert set(after) == {"call_id", "lead_id", "phone", "operator", "state", "outcome", "created_at",
-                          "answered_at", "ended_at", "talk_seconds", "cost_rub", "recording_url"}
+                          "answered_at", "ended_at", "talk_seconds", "cost_rub", "recording_url", "reason"}
+    assert after["reason"] is None
 
 
 def test_full_visibility_offer_shows_the_whole_number(client):

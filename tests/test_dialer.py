@@ -107,11 +107,37 @@ def test_do_not_call_list_stops_the_call(stack):
     assert originates(stack["pbx"]) == [] and leads.get(lead_id)["state"] == "do_not_call"
 
 
-def test_spent_budget_stops_automatic_callbacks(stack):
+def test_spent_budget_stops_automatic_callbacks_until_the_budget_allows_again(stack, sent, use_config):
     lead_id = new_lead(stack)
     spend.add(5000.0)
+    sent.clear()
     assert deliver("callbacks", "callback_worker") == [True]
-    assert originates(stack["pbx"]) == [] and leads.get(lead_id)["finished_reason"] == "budget_exhausted"
+    assert originates(stack["pbx"]) == []
+    lead = leads.get(lead_id)
+    assert lead["state"] == "budget_waiting" and lead["waiting_reason"] == "budget_exhausted"
+    assert "finished_at" not in lead  # waiting, not finished
+    [again] = sent
+    body = json.loads(again["MessageBody"])
+    assert body["lead_id"] == lead_id and body["attempt"] == 1 and body["reason"] == "budget_exhausted"
+    assert again["DelaySeconds"] == dialer.BUDGET_RECHECK_SECONDS
+    # Looked at again while nothing changed: it waits on.
+    assert dialer.process(body, now=dt.datetime.fromisoformat(body["due_at"])) == "budget_waiting"
+    # The budget is raised: the next look dials it.
+    use_config(lambda doc: doc["budget"].update(monthly_rub=10000))
+    assert dialer.process(body, now=dt.datetime.fromisoformat(body["due_at"])) == "originated"
+    assert len(originates(stack["pbx"])) == 1 and leads.get(lead_id)["state"] == "dialing"
+
+
+def test_a_lead_stopped_by_the_budget_resumes_with_the_new_month(stack, sent):
+    lead_id = new_lead(stack)
+    now = dt.datetime.now(dt.UTC)
+    spend.add(5000.0, spend.month(now))
+    receive("callbacks")
+    message = {"lead_id": lead_id, "attempt": 1, "due_at": now.isoformat(), "reason": "new_lead"}
+    assert dialer.process(message, now=now) == "budget_waiting"
+    later = now + dt.timedelta(days=40)  # next month's spend is its own: nothing spent yet
+    assert spend.month(later) != spend.month(now)
+    assert dialer.process({**message, "due_at": later.isoformat()}, now=later) == "originated"
 
 
 def test_operator_on_break_is_skipped(stack):
@@ -130,7 +156,7 @@ def test_least_recently_called_picks_the_longest_idle_operator(stack, use_config
         lead_id = new_lead(stack, n)
         deliver("callbacks", "callback_worker")
         call = calls.get(calls.call_id_for(lead_id, 1))
-        operators.release(call["operator"], call["call_id"])  # the call ended (the call tracker's job)
+        operators.release(call["operator"], call["holder"])  # the call ended (the call tracker's job)
     # Each in turn, then the one idle longest again.
     assert [c["pattern"] for c in originates(stack["pbx"])] == ["200", "201", "202", "200"]
 

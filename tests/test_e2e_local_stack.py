@@ -7,6 +7,7 @@ lifecycle; SIGINT stops every process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,12 +54,15 @@ def wait_until(check, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def local_stack_running():
-    ports = {"MOTO_PORT": free_port(), "SALESRENDER_SANDBOX_PORT": free_port(), "BEELINE_SANDBOX_PORT": free_port(),
-             "CALLBRIDGE_PORT": free_port()}
+@contextlib.contextmanager
+def make_run(local_dir: Path, ports: dict[str, int] | None = None, **env_overrides: str):
+    """`make run` as a user starts it, on free ports, its state and logs in `local_dir`; stopped with Ctrl-C."""
+    ports = ports or {"MOTO_PORT": free_port(), "SALESRENDER_SANDBOX_PORT": free_port(),
+                      "BEELINE_SANDBOX_PORT": free_port(), "CALLBRIDGE_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if k not in CONFTEST_KEYS}
-    env.update({k: str(v) for k, v in ports.items()}, CALLBACK_DELAY_SECONDS="0", BEELINE_SANDBOX_TIME_SCALE="0.05")
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update({"CALLBACK_DELAY_SECONDS": "0", "BEELINE_SANDBOX_TIME_SCALE": "0.05",
+                "CALLBRIDGE_LOCAL_DIR": str(local_dir), **env_overrides})
     proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -70,23 +74,34 @@ def local_stack_running():
             if line.strip() == "ready":
                 ready.set()
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         if not ready.wait(120):
             raise AssertionError("make run did not get ready:\n" + "\n".join(lines[-40:]))
-        yield {"ports": ports, "lines": lines, "proc": proc,
+        yield {"ports": ports, "lines": lines, "proc": proc, "dir": local_dir, "reader": reader,
                "app": f"http://127.0.0.1:{ports['CALLBRIDGE_PORT']}",
                "sandbox": f"http://127.0.0.1:{ports['SALESRENDER_SANDBOX_PORT']}",
                "pbx": f"http://127.0.0.1:{ports['BEELINE_SANDBOX_PORT']}",
                "aws": f"http://127.0.0.1:{ports['MOTO_PORT']}"}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
+        stop_make_run(proc)
+
+
+def stop_make_run(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+
+@pytest.fixture(scope="module")
+def local_stack_running(tmp_path_factory):
+    with make_run(tmp_path_factory.mktemp("local"), FRESH="1") as running:
+        yield running
 
 
 def aws_client(stack_info, service):
@@ -101,6 +116,7 @@ def test_make_run_prints_one_line_per_service(local_stack_running):
     assert f"beeline sandbox: {local_stack_running['pbx']}/apis/portal/" in text
     assert f"callbridge app: {local_stack_running['app']}" in text
     assert "runner:" in text
+    assert "local state: fresh start" in text  # the fixture asks for FRESH=1
     assert requests.get(local_stack_running["app"] + "/v1/health", timeout=5).json()["ok"] is True
 
 

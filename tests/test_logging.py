@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 
+from chalice import ConvertToMiddleware
+
+import app as app_module  # imported before a test swaps the log stream: Chalice configures its logger on import
 from functions.core.observability import PhoneMaskingFormatter, logger
 
 MASKED = "+7 999 ***-**-33"
@@ -79,3 +83,44 @@ def test_a_phone_at_the_start_of_a_line_is_masked(log_output):
     logger.info("lead comment", extra={"comment": "Перезвоните\n89991112233"})
     [record] = lines(log_output)
     assert record["comment"] == f"Перезвоните\n{MASKED}"
+
+
+class _Context:
+    def __init__(self, name: str):
+        self.function_name = name
+        self.memory_limit_in_mb = 256
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{name}"
+        self.aws_request_id = f"request-of-{name}"
+
+
+def test_concurrent_invocations_each_log_their_own_function_name(log_output):
+    """The local runner runs several handlers at once in one process; each line names its own function."""
+    [inject] = [m._wrapper for m, _ in app_module.app.middleware_handlers if isinstance(m, ConvertToMiddleware)]
+    both_entered = threading.Barrier(2, timeout=10)
+    errors = []
+
+    def handler(event, context):
+        both_entered.wait()  # both invocations have set up their context before either logs
+        logger.info("working", extra={"who": context.function_name})
+        return "done"
+
+    def invoke(name):
+        try:
+            assert inject(handler)({}, _Context(name)) == "done"
+        except Exception as exc:  # surfaced below: an assert in a thread would pass silently
+            errors.append(exc)
+
+    threads = [threading.Thread(target=invoke, args=(n,)) for n in ("callbridge-local-intake_worker",
+                                                                    "callbridge-local-callback_worker")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    records = lines(log_output)
+    assert len(records) == 2
+    for record in records:
+        assert record["function_name"] == record["who"]
+        assert record["function_request_id"] == f"request-of-{record['who']}"
+    logger.info("after the invocations")
+    assert "function_name" not in lines(log_output)[-1]  # nothing of an invocation outlives it

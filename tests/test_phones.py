@@ -65,8 +65,16 @@ def test_mask_shows_operator_code_and_last_two_digits():
     assert mask("+79994445566") == "+7 999 ***-**-66"
 
 
-def test_mask_of_a_foreign_number_hides_the_middle():
-    assert mask("+442079460958") == "+4420 794 ***-**-58"
+@pytest.mark.parametrize(("e164", "masked"), [
+    ("+12127365000", "+1 212 ***-**-00"),  # split at the country code, not "+121 273 …"
+    ("+442079460958", "+44 207 ***-**-58"),
+    ("+4930123456", "+49 3 ***-**-56"),  # a short national number shows fewer digits: five stay hidden
+    ("+380441234567", "+380 44 ***-**-67"),
+    ("+77001234567", "+7 700 ***-**-67"),
+])
+def test_mask_of_a_foreign_number_splits_at_its_country_code(e164, masked):
+    assert mask(e164) == masked
+    assert redact(f"call {e164} now") == f"call {masked} now"
 
 
 @pytest.mark.parametrize("short", ["", "+7", "12345"])
@@ -77,6 +85,13 @@ def test_mask_of_something_too_short_shows_nothing(short):
 def test_national_digits_are_the_ten_digits_beeline_wants():
     assert national_digits(E164) == "9991112233"
     assert len(national_digits("+74951234567")) == 10
+
+
+@pytest.mark.parametrize("foreign", ["+12127365000", "+4930123456", "+380441234567", "not a phone"])
+def test_national_digits_refuse_what_is_not_a_russian_number(foreign):
+    # +1 212 736 5000 has ten national digits too: dialled as 212 736 50 00 it rings a Russian stranger.
+    with pytest.raises(InvalidPhone):
+        national_digits(foreign)
 
 
 def test_show_full_and_partial():

@@ -204,11 +204,20 @@ def test_read_timeout_is_transient_and_sent_once(mocked, client):
     assert len(mocked.calls) == 1  # an order must not be created twice
 
 
-def test_503_is_retried_inline(mocked, client):
+def test_503_is_retried_inline_for_reads(mocked, client):
+    mocked.post(URL, status=503, body="busy")
+    mocked.post(URL, json={"data": {"ordersFetcher": {"orders": [{"id": "48211"}]}}})
+    assert client.get_order("48211") == {"id": "48211"}
+    assert len(mocked.calls) == 2
+
+
+def test_add_order_503_is_not_retried_inline(mocked, client):
+    # A 503 may come from a proxy after SalesRender created the order: the worker looks before retrying.
     mocked.post(URL, status=503, body="busy")
     mocked.post(URL, json=CREATED)
-    assert client.add_order(ORDER) == "48211"
-    assert len(mocked.calls) == 2
+    error = failure(client)
+    assert (error.code, error.transient) == ("HTTP_503", True)
+    assert len(mocked.calls) == 1
 
 
 def test_429_is_retried_inline(mocked, client):
@@ -221,8 +230,9 @@ def test_429_is_retried_inline(mocked, client):
 def test_503_retries_are_bounded_then_transient(mocked, client):
     for _ in range(5):
         mocked.post(URL, status=503, body="busy")
-    error = failure(client)
-    assert (error.code, error.transient) == ("HTTP_503", True)
+    with pytest.raises(SalesRenderError) as info:
+        client.get_order("1")
+    assert (info.value.code, info.value.transient) == ("HTTP_503", True)
     assert len(mocked.calls) == 3  # the first try and connect_only_retry's two
 
 
@@ -245,9 +255,11 @@ def test_connect_only_retry_policy():
 
 
 def test_the_client_uses_connect_only_retries():
-    adapter = SalesRenderClient(URL, TOKEN)._session.get_adapter(URL)
-    retry = adapter.max_retries
+    client = SalesRenderClient(URL, TOKEN)
+    retry = client._session.get_adapter(URL).max_retries
     assert retry.read == 0 and set(retry.status_forcelist) == {429, 503}
+    create = client._create_session.get_adapter(URL).max_retries
+    assert create.read == 0 and create.other == 0 and set(create.status_forcelist) == {429}
 
 
 def test_idempotent_retry_policy_retries_5xx():
@@ -308,12 +320,9 @@ def test_real_read_timeout_sends_the_order_once(monkeypatch, retry_sleeps):
     assert retry_sleeps == []
 
 
-def test_real_503_is_retried_and_500_is_not():
-    with _Server([503, 200]) as server:
-        assert SalesRenderClient(server.url, TOKEN).add_order(ORDER) == "48211"
-        assert len(server.requests) == 2
-        assert json.loads(server.requests[0]) == json.loads(server.requests[1])
-    with _Server([500, 200]) as server:
+@pytest.mark.parametrize("status", [500, 503])
+def test_real_5xx_on_add_order_is_not_retried_inline(status):
+    with _Server([status, 200]) as server:
         with pytest.raises(SalesRenderError):
             SalesRenderClient(server.url, TOKEN).add_order(ORDER)
         assert len(server.requests) == 1
@@ -432,6 +441,12 @@ def test_comment_names_the_form_by_id_without_a_name():
 def test_comment_is_cut_at_4000():
     order = add_order_input(lead(comment="x" * 5000), make_offer())
     assert len(order["orderData"]["stringFields"][0]["value"]) == 4000
+
+
+def test_the_lead_id_survives_the_cut_of_a_long_comment():
+    order = add_order_input(lead(comment="x" * 5000, lead_id="lead-1"), make_offer())
+    value = order["orderData"]["stringFields"][0]["value"]
+    assert len(value) == 4000 and value.endswith("\ncallbridge lead: lead-1")
 
 
 def test_mapped_products_become_cart_items_in_kopecks():

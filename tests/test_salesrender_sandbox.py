@@ -210,6 +210,51 @@ def test_fault_delay(sr):
     assert time.monotonic() - started >= 0.2
 
 
+@pytest.mark.parametrize("spoil", [{"status": 502}, {"graphql_error": "ERR_INTERNAL"}])
+def test_fault_carry_out_then_answer_an_error(sr, spoil):
+    response = requests.post(f"{sr.base_url}/_sandbox/faults",
+                             json={"carry_out": True, "operation": "addOrder", **spoil}, timeout=5)
+    assert response.status_code == 200
+    answer = gql(sr, ADD_ORDER, EXAMPLE)
+    assert answer.status_code == spoil.get("status", 200) and "addOrder" not in answer.text
+    [order] = sr.orders()  # carried out all the same
+    assert order["projectId"] == "1"
+    assert sr.requests_log()[-1]["carried_out_status"] == 200
+
+
+def test_fault_carry_out_then_answer_too_late(sr):
+    sr.add_fault(carry_out=True, delay_seconds=2, operation="addOrder")
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(sr.api_url, json={"query": ADD_ORDER, "variables": EXAMPLE}, headers={"Authorization": TOKEN},
+                      timeout=(5, 0.3))
+    assert len(sr.orders()) == 1  # the order exists although the client saw no answer
+    assert sr.requests_log()[-1]["operation"] == ["orderMutation.addOrder"]  # logged on arrival
+
+
+@pytest.mark.parametrize("carry_out", [True, False])
+def test_fault_drop_connection(sr, carry_out):
+    sr.add_fault(drop_connection=True, carry_out=carry_out, operation="addOrder")
+    with pytest.raises(requests.ConnectionError):
+        gql(sr, ADD_ORDER, EXAMPLE)
+    assert len(sr.orders()) == (1 if carry_out else 0)
+    assert sr.requests_log()[-1]["status"] == "dropped"
+    assert add_order(sr)  # the next connection is served
+
+
+@pytest.mark.parametrize("spec", [{"drop_connection": True, "status": 500}, {"carry_out": True},
+                                  {"drop_connection": "yes"}, {"carry_out": 1, "status": 500}])
+def test_bad_lost_answer_faults_are_refused(sr, spec):
+    assert requests.post(f"{sr.base_url}/_sandbox/faults", json=spec, timeout=5).status_code == 400
+
+
+def test_orders_fetcher_accepts_only_the_documented_filter(sr):
+    add_order(sr)
+    page = "{ ordersFetcher(pagination: {pageNumber: 1, pageSize: 100}) { orders { id } pageInfo { pagesCount } } }"
+    assert gql(sr, page).json()["data"]["ordersFetcher"] == {"orders": [{"id": "1"}], "pageInfo": {"pagesCount": 1}}
+    undocumented = "{ ordersFetcher(filters: {include: {refererUri: \"x\"}}) { orders { id } } }"
+    assert gql(sr, undocumented).status_code == 400
+
+
 def test_update_order_status_and_string_field(sr):
     order_id = add_order(sr)
     response = gql(sr, UPDATE_ORDER, {"input": {"id": order_id, "statusId": 3}})

@@ -276,9 +276,42 @@ def test_numbers_are_text_and_other_shapes_are_ignored():
     assert lead.name == "" and lead.email == ""
 
 
-def test_long_fields_are_cut():
-    lead = extract({"Phone": "1", "Name": "я" * 500, "Comments": "c" * 5000}, TildaFields())
-    assert len(lead.name) == 200 and len(lead.comment) == 2000
+def test_long_fields_are_cut_in_bytes_and_named():
+    lead = extract({"Phone": "1", "Name": "я" * 500, "Comments": "c" * 5000, "Email": "😀" * 100}, TildaFields())
+    assert lead.name == "я" * 256  # 512 bytes: two a letter
+    assert lead.comment == "c" * 5000  # within its 8 KB
+    assert lead.email == "😀" * 80  # 320 bytes, never half a character
+    assert lead.truncated == ("Name", "Email")
+
+
+def test_a_tranid_too_long_to_store_still_dedupes_on_all_of_it():
+    a, b = extract({"tranid": "1" * 300 + "a"}, TildaFields()), extract({"tranid": "1" * 300 + "b"}, TildaFields())
+    assert a.tranid == b.tranid == "1" * 256 and a.truncated == ("tranid",)
+    assert a.dedupe_key != b.dedupe_key and a.dedupe_key.startswith("tranid-sha256:")
+
+
+def test_products_beyond_the_limit_are_dropped_and_said_so():
+    products = [{"name": f"p{i}"} for i in range(tilda_form.MAX_PRODUCTS + 5)]
+    lead = extract({"payment": {"products": products}}, TildaFields())
+    assert len(lead.products) == tilda_form.MAX_PRODUCTS and lead.truncated == ("payment[products]",)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+    b'{"a": ' + b'{"b": ' * 40 + b"1" + b"}" * 40 + b"}",
+    b'{"a": ' + b"9" * 5000 + b"}",
+    b'{"a": -' + b"9" * 101 + b"}",
+])
+def test_json_too_deep_or_with_absurd_numbers_is_a_bad_body(raw):
+    with pytest.raises(BadPost) as info:
+        parse_body(raw, "application/json")
+    assert (info.value.field, info.value.status) == ("body", 400)
+
+
+def test_a_body_over_the_limit_is_413():
+    with pytest.raises(BadPost) as info:
+        parse_body(b"a" * (tilda_form.MAX_BODY_BYTES + 1), FORM)
+    assert (info.value.field, info.value.status) == ("body", 413)
 
 
 def test_cart_products():

@@ -3,25 +3,34 @@
 For each callback message `{lead_id, attempt, due_at, reason, [call_id, manual]}`:
 1. not yet due (delays beyond SQS's 900 s): hop on until due;
 2. the call of this (lead, attempt) already left "queued": a duplicate, nothing to do;
-3. the lead is re-read: finished, over the attempt cap, its CRM order no longer "processing", or
-   called by a person already: no call;
-4. outside the offer's working hours: rescheduled to the next opening (manual calls skip this);
-5. on the do-not-call list, or the month's budget spent (R-23): no call;
-6. a channel lease, then an operator by the offer's rule: none free = try again in ~30 s;
-7. the call is claimed (conditional write: one winner among duplicates and racing workers), and
-   only then originated: `POST abonents/{operator}/call?phoneNumber={10 digits}`.
-An originate that surely never reached Beeline is un-claimed and retried; one that may have (timeout)
-is left "dialing" for the call events or the reconciler to settle: it is never dialled twice.
+3. the lead is re-read: finished, over the attempt cap, or called by a person already: no call;
+4. a number the provider cannot dial (functions/calling/dialable.py), or on the do-not-call list: no
+   call, ever. The attempt is recorded as a call that ended "not_dialled" with its reason (so the API
+   and the CRM call log say why) and the lead is finished;
+5. the month's budget spent (R-23): an automatic callback waits (looked at again every
+   BUDGET_RECHECK_SECONDS, so a new month or a higher budget resumes it); a manual one is not dialled;
+6. its CRM order no longer "processing": no call; outside the offer's working hours: rescheduled to
+   the next opening (manual calls skip both);
+7. a channel lease, then an operator by the offer's rule, both under this delivery's own holder
+   token: none free = try again in ~30 s;
+8. the call is claimed (conditional write: one winner among duplicates and racing workers; the
+   holder token is stored with it), and only then originated: `POST abonents/{operator}/call?
+   phoneNumber={10 digits}`.
+Whatever fails before the originate gives back the lease and the operator (and un-claims). An
+originate that surely never reached Beeline is un-claimed and retried; one that may have (timeout, or
+any error that is not Beeline's answer) is left "dialing" for the call events or the reconciler to
+settle: it is never dialled twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 
-from functions.calling import budget, channels, dnc, operators, retry_policy, schedule
+from functions.calling import budget, channels, dialable, dnc, operators, retry_policy, schedule
 from functions.calling.working_hours import next_opening
-from functions.core import config, times
+from functions.core import config, queues, times
 from functions.core.observability import logger, metric
 from functions.core.phones import mask, national_digits
 from functions.core.queues import Poison, Transient
@@ -30,8 +39,9 @@ from functions.providers.salesrender import client as salesrender
 from functions.records import call_events, calls, leads
 
 NO_CHANNEL_RETRY_SECONDS = 30
+BUDGET_RECHECK_SECONDS = 900  # a lead stopped by the budget looks again this often (R-23)
 _EXT_TRACKING_ID = re.compile(r"\d+:\d+")
-FINAL_LEAD_STATES = ("done", "closed", "exhausted", "do_not_call", "budget_stopped")
+FINAL_LEAD_STATES = ("done", "closed", "exhausted", "do_not_call", "not_dialable")
 
 
 def _parse_due(value) -> dt.datetime:
@@ -52,11 +62,35 @@ def _again(message: dict, when: dt.datetime, reason: str, now: dt.datetime) -> N
                        extra={k: message[k] for k in ("call_id", "manual") if k in message})
 
 
+def _settle_not_dialled(call_id: str, existing: dict | None, reason: str, lead: dict, offer_id: int, attempt: int,
+                        manual: bool, log: dict) -> bool:
+    """Record a call that will never be placed, with why; the lead's call log in the CRM gets its line.
+    True when this delivery settled it (False: a racing worker claimed the call first)."""
+    settled = calls.settle_not_dialled(call_id, reason, {
+        "lead_id": lead["lead_id"], "offer_id": offer_id, "attempt": attempt, "phone": lead["phone"],
+        "manual": manual, "created_at": (existing or {}).get("created_at") or times.now_iso(),
+    })
+    if settled:
+        _not_dialled_effects(call_id)
+        logger.info("call not dialled", extra={**log, "reason": reason})
+        metric("CallsNotDialled", reason=reason.split(",")[0])
+    return settled
+
+
+def _not_dialled_effects(call_id: str) -> None:
+    """The call log entry and the write-back job of a not-dialled call; repeated by a redelivery until
+    the flag (written after the job is queued) says they are done."""
+    call = calls.get(call_id) or {}
+    calls.log_ended(call["lead_id"], call["ended_at"], call_id)
+    queues.send("recordings", {"job": "writeback", "call_id": call_id})
+    calls.flag_once(call_id, "post_call_queued")
+
+
 def process(message: dict, now: dt.datetime | None = None) -> str:
     """Handle one callback message; returns what happened (for logs and tests)."""
     now = now or dt.datetime.now(dt.UTC)
     lead_id, attempt = message.get("lead_id"), message.get("attempt")
-    if not isinstance(lead_id, str) or not isinstance(attempt, int) or attempt < 1:
+    if not isinstance(lead_id, str) or not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
         raise Poison("callback needs lead_id and a positive attempt", code="malformed")
     due = _parse_due(message.get("due_at"))
     if due > now + dt.timedelta(seconds=1):
@@ -76,6 +110,8 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
 
     existing = calls.get(call_id)
     if existing and existing.get("state") != "queued":
+        if existing.get("outcome") == "not_dialled" and not existing.get("post_call_queued"):
+            _not_dialled_effects(call_id)  # the delivery that settled it died before queueing the write-back
         logger.info("callback already dialled", extra={**log, "state": existing.get("state")})
         return "duplicate"
     if lead.get("state") in FINAL_LEAD_STATES and not manual:
@@ -86,6 +122,30 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
     if lead.get("called_by_person_at") and not manual:
         _finish_lead(lead_id, "closed", "called_by_person", log)
         return "called_by_person"
+    # Before anything is taken: a number the provider cannot dial must never reach the originate.
+    refusal = dialable.refusal(lead["phone"], cfg)
+    if refusal:
+        _settle_not_dialled(call_id, existing, refusal, lead, offer.id, attempt, manual, log)
+        if not manual or lead.get("source") == "api":
+            leads.update(lead_id, state="not_dialable", finished_reason=refusal, finished_at=times.now_iso(),
+                         last_call_id=call_id)
+        return "not_dialable"
+    if dnc.listed(lead["phone"]):
+        if manual:
+            _settle_not_dialled(call_id, existing, "do_not_call", lead, offer.id, attempt, manual, log)
+        _finish_lead(lead_id, "do_not_call", "do_not_call", log)
+        return "do_not_call"
+    if not budget.allows_call(cfg, manual, now):
+        if manual:  # a person asked for this call now: say no now rather than hold it for a month
+            _settle_not_dialled(call_id, existing, "budget_exhausted", lead, offer.id, attempt, manual, log)
+            return "budget_exhausted"
+        # Not the end of the lead: look again in a while, so a new month or a raised budget resumes it
+        # (SQS's longest delay: the same cost as hopping towards the month's start, and it sees both).
+        _again(message, now + dt.timedelta(seconds=BUDGET_RECHECK_SECONDS), "budget_exhausted", now)
+        leads.update(lead_id, state="budget_waiting", waiting_reason="budget_exhausted",
+                     waiting_since=lead.get("waiting_since") or times.now_iso())
+        metric("CallbacksWaitingForBudget", offer=str(offer.id))
+        return "budget_waiting"
     if lead.get("order_id") and not manual:
         try:
             order = salesrender.default_client().get_order(lead["order_id"])
@@ -103,48 +163,69 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
             _again(message, opening, "working_hours", now)
             logger.info("outside working hours: rescheduled", extra={**log, "due_at": opening.isoformat()})
             return "rescheduled_working_hours"
-    if dnc.listed(lead["phone"]):
-        _finish_lead(lead_id, "do_not_call", "do_not_call", log)
-        return "do_not_call"
-    if not budget.allows_call(cfg, manual, now):
-        _finish_lead(lead_id, "budget_stopped", "budget_exhausted", log)
-        return "budget_exhausted"
+    return _dial(message, lead, offer, cfg, call_id, existing, manual, log, now)
 
+
+def _give_back(provider: str, slot: int, operator: str | None, holder: str) -> None:
+    """Free what this delivery took (only its own: both releases are conditional on the holder)."""
+    try:
+        if operator:
+            operators.release(operator, holder)
+    finally:
+        channels.release(provider, slot, holder)
+
+
+def _dial(message: dict, lead: dict, offer, cfg, call_id: str, existing: dict | None, manual: bool, log: dict,
+          now: dt.datetime) -> str:
+    lead_id, attempt = lead["lead_id"], message["attempt"]
+    digits = national_digits(lead["phone"])  # dialable.refusal() passed: this cannot raise
     provider = cfg.provider.name
-    slot = channels.acquire(provider, cfg.provider.channel_limit, call_id)
+    # Each delivery holds its channel and operator under its own token, stored with the claim: a
+    # duplicate that loses the claim releases only what it took, and the tracker releases the winner's.
+    holder = f"{call_id}#{uuid.uuid4().hex[:12]}"
+    slot = channels.acquire(provider, cfg.provider.channel_limit, holder)
     if slot is None:
         _again(message, now + dt.timedelta(seconds=NO_CHANNEL_RETRY_SECONDS), "no_free_channel", now)
         metric("NoFreeChannel", provider=provider)
         return "no_free_channel"
-    client = beeline.default_client()
-    operator = operators.choose(offer, call_id, _agent_status(client, log))
-    if operator is None:
-        channels.release(provider, slot, call_id)
-        _again(message, now + dt.timedelta(seconds=NO_CHANNEL_RETRY_SECONDS), "no_free_operator", now)
-        metric("NoFreeOperator", offer=str(offer.id))
-        return "no_free_operator"
-    claimed = calls.claim(call_id, {
-        "lead_id": lead_id, "offer_id": offer.id, "attempt": attempt, "phone": lead["phone"], "operator": operator,
-        "channel_slot": slot, "provider": provider, "manual": manual, "dialing_at": times.now_iso(),
-        "created_at": (existing or {}).get("created_at") or times.now_iso(),
-    })
-    if not claimed:
-        operators.release(operator, call_id)
-        channels.release(provider, slot, call_id)
-        return "duplicate"
-    calls.mark_open(call_id)
-    leads.update(lead_id, state="dialing", attempts=attempt, last_call_id=call_id)
+    operator, claimed = None, False
+    try:  # whatever fails before the claim, the lease and the operator are given back
+        client = beeline.default_client()
+        operator = operators.choose(offer, call_id, _agent_status(client, log), holder=holder)
+        if operator is None:
+            _again(message, now + dt.timedelta(seconds=NO_CHANNEL_RETRY_SECONDS), "no_free_operator", now)
+            metric("NoFreeOperator", offer=str(offer.id))
+            return "no_free_operator"
+        claimed = calls.claim(call_id, {
+            "lead_id": lead_id, "offer_id": offer.id, "attempt": attempt, "phone": lead["phone"],
+            "operator": operator, "channel_slot": slot, "provider": provider, "holder": holder, "manual": manual,
+            "dialing_at": times.now_iso(), "created_at": (existing or {}).get("created_at") or times.now_iso(),
+        })
+        if not claimed:
+            return "duplicate"
+    finally:
+        if not claimed:
+            _give_back(provider, slot, operator, holder)
+
     log["operator"] = operator
     try:
-        response_text = client.originate(operator, national_digits(lead["phone"]))
+        calls.mark_open(call_id)
+        if manual and lead.get("source") != "api":
+            leads.update(lead_id, last_call_id=call_id)  # an existing lead: its state and attempts are its own
+        else:
+            leads.update(lead_id, state="dialing", attempts=attempt, last_call_id=call_id)
+    except Exception:
+        # Nothing reached Beeline yet: give everything back so the redelivery can dial this attempt.
+        _give_back(provider, slot, operator, holder)
+        calls.unclaim(call_id)
+        calls.mark_closed(call_id)
+        raise
+    try:
+        response_text = client.originate(operator, digits)
     except beeline.OriginateUncertain as exc:
-        calls.update(call_id, originate_uncertain=True, originate_error=str(exc))
-        logger.warning("originate uncertain: left for call events to settle", extra={**log, "error": str(exc)})
-        metric("OriginateUncertain", provider=provider)
-        return "uncertain"
+        return _uncertain(call_id, str(exc), log, provider)
     except beeline.BeelineError as exc:
-        operators.release(operator, call_id)
-        channels.release(provider, slot, call_id)
+        _give_back(provider, slot, operator, holder)
         if exc.transient:  # never reached the PBX: safe to dial this attempt later
             calls.unclaim(call_id)
             calls.mark_closed(call_id)
@@ -152,14 +233,31 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
         calls.finish(call_id, "failed", originate_error=str(exc))
         logger.error("originate rejected", extra={**log, "error": str(exc)})
         metric("OriginateFailed", provider=provider, code=exc.code)
-        retry_policy.on_outcome(call_id, now=now)
+        retry_policy.on_outcome(call_id, now=now)  # the call stays listed open: the reconciler finishes the rest
         return "originate_failed"
-    calls.update(call_id, originated_at=times.now_iso(), originate_response=(response_text or "")[:200])
-    if response_text and _EXT_TRACKING_ID.fullmatch(response_text):
-        call_events.bind(response_text, call_id)  # Beeline said which call this is: no guessing needed
+    except Exception as exc:  # noqa: BLE001
+        # Not a provider error, so nobody can say whether the request left: dialling again could ring the
+        # customer twice (R-11). Settled like a timeout: by the call events or the reconciler.
+        return _uncertain(call_id, f"{type(exc).__name__}: {exc}", log, provider)
+    try:
+        calls.update(call_id, originated_at=times.now_iso(), originate_response=(response_text or "")[:200])
+        if response_text and _EXT_TRACKING_ID.fullmatch(response_text):
+            call_events.bind(response_text, call_id)  # Beeline said which call this is: no guessing needed
+    except Exception:  # noqa: BLE001 - the call is ringing: the events bind it through the operator instead
+        logger.exception("originated call not annotated", extra=log)
     logger.info("call originated", extra=log)
     metric("CallsOriginated", offer=str(offer.id))
     return "originated"
+
+
+def _uncertain(call_id: str, error: str, log: dict, provider: str) -> str:
+    try:
+        calls.update(call_id, originate_uncertain=True, originate_error=error[:500])
+    except Exception:  # noqa: BLE001 - the reconciler settles the call from its dialing_at alone
+        logger.exception("uncertain originate not annotated", extra=log)
+    logger.warning("originate uncertain: left for call events to settle", extra={**log, "error": error[:500]})
+    metric("OriginateUncertain", provider=provider)
+    return "uncertain"
 
 
 def _agent_status(client: beeline.BeelineClient, log: dict):

@@ -1,19 +1,22 @@
 """`POST /v1/calls` and `GET /v1/calls/{call_id}` (R-13): dial now, and read a call's state.
 
-Auth is `Authorization: Bearer <CALLBRIDGE_API_TOKEN>`. A POST creates a lead (source "api") and its
-queued call, and puts the callback on the queue with no delay; the dialer does the rest, skipping
-working hours (a person asked for this call now) but not the channel limit, the do-not-call list or
-the budget rule for manual calls. An `Idempotency-Key` header makes a retried POST return the same call.
+Auth is `Authorization: Bearer <CALLBRIDGE_API_TOKEN>`. A POST for a number the provider cannot dial
+is a 422 naming `phone` (nothing is created). Otherwise the call belongs to the number's lead of that
+offer when there is one (the call is written to its CRM order's call log), else to a new lead (source
+"api") whose CRM order comes through the intake worker like a Tilda lead's. The callback goes on the
+queue with no delay; the dialer does the rest, skipping working hours (a person asked for this call
+now) but not the channel limit, the do-not-call list or the budget rule for manual calls. A call that
+will not be dialled (do-not-call, budget) is never shown "queued": it ends at once with outcome
+"not_dialled" and its reason. An `Idempotency-Key` header makes a retried POST return the same call.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 
-from functions.calling import schedule
-from functions.core import auth, config, times
+from functions.calling import budget, dialable, dnc, schedule
+from functions.core import auth, config, queues, safe_json, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise, show
 from functions.core.replies import Reply, error
@@ -26,8 +29,8 @@ def create(body: bytes, headers: dict[str, str]) -> Reply:
     if not auth.bearer_ok(headers):
         return error(401, "Authorization", "missing or wrong bearer token")
     try:
-        data = json.loads(body or b"")
-    except (ValueError, UnicodeDecodeError):
+        data = safe_json.loads(body or b"")
+    except safe_json.BadJson:
         return error(400, "body", "body must be a JSON object")
     if not isinstance(data, dict):
         return error(400, "body", "body must be a JSON object")
@@ -47,20 +50,59 @@ def create(body: bytes, headers: dict[str, str]) -> Reply:
     if offer is None:
         return error(422, "offer_id", f"no offer with id {offer_id}")
 
+    cfg = config.load()
+    refusal = dialable.refusal(phone, cfg)
+    if refusal:  # nothing is created: the caller asked for a call the provider cannot place
+        return error(422, "phone", f"the provider cannot dial this number: {refusal}")
+
     key = headers.get("idempotency-key")
+    call_id = str(uuid.uuid5(API_NAMESPACE, "call:" + key)) if key else str(uuid.uuid4())
+    call = calls.get(call_id)
+    if call is None:
+        call = _queue(call_id, key, phone, offer, str(data.get("name") or "")[:200])
+    return Reply(202, {"call_id": call_id, "status": call.get("state", "queued"),
+                       **({"outcome": call["outcome"], "reason": call.get("not_dialled_reason")}
+                          if call.get("outcome") == "not_dialled" else {})})
+
+
+def _lead_for(phone: str, offer_id: int, key: str | None, name: str, now: str) -> dict:
+    """The lead the call belongs to. A number with a lead of this offer that has (or is getting) its
+    CRM order: that lead, so the call is written to its order's call log. Otherwise a new lead of
+    source "api" whose order comes through the intake worker like a Tilda lead's."""
+    known = leads.latest_by_phone(phone)
+    if known and known.get("offer_id") == offer_id and known.get("state") != "failed":
+        return known
     lead_id = str(uuid.uuid5(API_NAMESPACE, key)) if key else str(uuid.uuid4())
-    call_id = calls.call_id_for(lead_id, 1)
+    lead = {"lead_id": lead_id, "source": "api", "state": "callback_scheduled", "offer_id": offer_id,
+            "phone": phone, "phone_key": phone, "name": name, "comment": "Звонок через API", "utm": {},
+            "products": [], "created_at": now,
+            # The manual call is this lead's callback: the intake worker must not schedule another.
+            "callback_scheduled_at": now, "order_via": "intake"}
+    if leads.create(lead):
+        queues.send("intake", {"lead_id": lead_id})  # a re-queue by a retried POST is harmless
+    return leads.get(lead_id) or lead
+
+
+def _queue(call_id: str, key: str | None, phone: str, offer, name: str) -> dict:
     now = times.now_iso()
-    created = leads.create({"lead_id": lead_id, "source": "api", "state": "callback_scheduled", "offer_id": offer.id,
-                            "phone": phone, "name": str(data.get("name") or "")[:200], "created_at": now})
-    if created:
-        calls.create_queued({"call_id": call_id, "lead_id": lead_id, "offer_id": offer.id, "attempt": 1,
-                             "phone": phone, "manual": True, "created_at": now})
-        schedule.schedule(lead_id, 1, dt.datetime.now(dt.UTC), "manual", extra={"call_id": call_id, "manual": True})
-        logger.info("manual call queued", extra={"lead_id": lead_id, "call_id": call_id, "phone": mask(phone)})
+    lead = _lead_for(phone, offer.id, key, name, now)
+    call = {"call_id": call_id, "lead_id": lead["lead_id"], "offer_id": offer.id, "attempt": 1, "phone": phone,
+            "manual": True, "created_at": now}
+    reason = ("do_not_call" if dnc.listed(phone)
+              else None if budget.allows_call(config.load(), manual=True) else "budget_exhausted")
+    if reason:
+        # It would not be dialled: say so now instead of showing "queued" (the dialer re-checks anyway).
+        calls.settle_not_dialled(call_id, reason, call)
+        logger.info("manual call not dialled", extra={"call_id": call_id, "phone": mask(phone), "reason": reason})
+        metric("CallsNotDialled", reason=reason)
+        return calls.get(call_id) or call
+    if calls.create_queued(call):
+        schedule.schedule(lead["lead_id"], 1, dt.datetime.now(dt.UTC), "manual", extra={"call_id": call_id,
+                                                                                      "manual": True})
+        logger.info("manual call queued", extra={"lead_id": lead["lead_id"], "call_id": call_id, "phone": mask(phone),
+                                                 "known_lead": lead.get("source") != "api"})
         metric("ManualCallsQueued", offer=str(offer.id))
-    call = calls.get(call_id) or {}
-    return Reply(202, {"call_id": call_id, "status": call.get("state", "queued")})
+    return calls.get(call_id) or call
 
 
 def read(call_id: str, headers: dict[str, str]) -> Reply:
@@ -78,6 +120,9 @@ def read(call_id: str, headers: dict[str, str]) -> Reply:
         "operator": call.get("operator"),
         "state": call.get("state", "queued"),
         "outcome": call.get("outcome") if call.get("state") == "ended" else None,
+        # Why a call ended without being placed ("not_dialled"): do_not_call, budget_exhausted, or why the
+        # provider cannot dial the number (e.g. "number outside +7"); null otherwise.
+        "reason": call.get("not_dialled_reason"),
         "created_at": call.get("created_at") or call.get("dialing_at"),
         "answered_at": call.get("answered_at"),
         "ended_at": call.get("ended_at"),

@@ -26,6 +26,14 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00")
 
 
+def _zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+    return value
+
+
 class ConfigError(ValueError):
     """The configuration document is missing or invalid; the message names the key."""
 
@@ -40,6 +48,10 @@ class Budget(_Model):
     alert_thresholds: list[Annotated[float, Field(gt=0, le=1)]] = [0.8, 1.0]
     stop_auto_callbacks_at_limit: bool = True
     manual_calls_at_limit: bool = True
+    # The budget month is this zone's calendar month: a call at 01:00 Moscow on the 1st is the new month's.
+    timezone: str = "Europe/Moscow"
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, value: _zone(value)))
 
 
 class Provider(_Model):
@@ -48,6 +60,9 @@ class Provider(_Model):
     recording: bool = True
     retention_days: int = Field(default=30, ge=1, le=3650)
     webhook_cidrs: list[str] = ["0.0.0.0/0", "::/0"]
+    # Regions whose numbers are dialled automatically. Beeline's click-to-call takes 10 national digits,
+    # so only +7 numbers (Russia, Kazakhstan) can be dialled at all; this list can narrow it, e.g. [RU].
+    dialable_regions: list[Literal["RU", "KZ"]] = ["RU", "KZ"]
 
     @field_validator("webhook_cidrs")
     @classmethod
@@ -99,14 +114,7 @@ class WorkingHours(_Model):
     # day -> "HH:MM-HH:MM"; a missing day is closed. "00:00-24:00" is the whole day.
     days: dict[str, str] = {d: "09:00-21:00" for d in DAYS}
 
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
-        return value
+    _tz = field_validator("timezone")(classmethod(lambda cls, value: _zone(value)))
 
     @field_validator("days")
     @classmethod
@@ -183,6 +191,9 @@ class Config(_Model):
     tariff_rub_per_minute: float = Field(gt=0)
     budget: Budget
     provider: Provider = Provider()
+    # Leads, calls, their events and bindings expire (DynamoDB TTL) this long after they are written; at
+    # least a week, so a lead is never deleted while its retries are still being called.
+    data_retention_days: int = Field(default=90, ge=7, le=3650)
     default_offer_id: int | None = None
     offers: list[Offer] = Field(min_length=1)
 

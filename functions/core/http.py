@@ -19,17 +19,18 @@ def session(retries: Retry) -> requests.Session:
     return s
 
 
-def connect_only_retry(total: int = 2) -> Retry:
+def connect_only_retry(total: int = 2, statuses: tuple[int, ...] = (429, 503)) -> Retry:
     """For requests that must not run twice (creating an order, originating a call): retry only
     when the request never reached the server (connection refused/reset before sending) or the
-    server said it did not take it (429/503). A read timeout is NOT retried here: the caller decides."""
+    server said it did not take it (`statuses`: 429/503 by default; a caller for whom a 503 is
+    ambiguous passes (429,)). A read timeout is NOT retried here: the caller decides."""
     return Retry(
         total=total,
         connect=total,
         read=0,
         other=0,
         status=total,
-        status_forcelist=(429, 503),
+        status_forcelist=statuses,
         allowed_methods=None,  # POST included, on the conditions above only
         backoff_factor=0.5,
         respect_retry_after_header=False,  # a long Retry-After would outlive the Lambda: the queue waits instead

@@ -29,20 +29,52 @@ def normalise(raw: object, region: str = DEFAULT_REGION) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _parsed(e164: str) -> phonenumbers.PhoneNumber | None:
+    try:
+        return phonenumbers.parse(e164, DEFAULT_REGION)
+    except phonenumbers.NumberParseException:
+        return None
+
+
+def country_code(e164: str) -> int | None:
+    """The country calling code (`+12127365000` -> 1), or None for what is not a phone number."""
+    number = _parsed(e164)
+    return number.country_code if number else None
+
+
+def region(e164: str) -> str | None:
+    """The region of a valid number (`+77001234567` -> "KZ": +7 is shared by RU and KZ), else None."""
+    number = _parsed(e164)
+    if number is None or not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.region_code_for_number(number)
+
+
 def national_digits(e164: str) -> str:
-    """The 10 national digits Beeline's click-to-call wants (`+79991112233` -> `9991112233`)."""
-    number = phonenumbers.parse(e164, DEFAULT_REGION)
-    return phonenumbers.national_significant_number(number)
+    """The 10 national digits Beeline's click-to-call wants (`+79991112233` -> `9991112233`).
+    Raises InvalidPhone for anything else: a foreign number's digits would dial a Russian stranger."""
+    number = _parsed(e164)
+    digits = phonenumbers.national_significant_number(number) if number else ""
+    if number is None or number.country_code != 7 or len(digits) != 10:
+        raise InvalidPhone("not a +7 number with 10 national digits")
+    return digits
 
 
 def mask(e164: str) -> str:
-    """`+79991112233` -> `+7 999 ***-**-33`: enough to tell leads apart, not enough to call them."""
+    """`+79991112233` -> `+7 999 ***-**-33`: enough to tell leads apart, not enough to call them.
+    Foreign numbers split at their own country code (`+1 212 ***-**-00`); a short national number
+    shows fewer leading digits, so at least five stay hidden as in the Russian form (`+49 3 ***-**-56`)."""
     digits = re.sub(r"\D", "", e164)
     if len(digits) < 6:
         return "***"
-    if e164.startswith("+7") and len(digits) == 11:
+    if e164.startswith("+7") and len(digits) == 11:  # also the impossible +7 shapes a person typed
         return f"+7 {digits[1:4]} ***-**-{digits[-2:]}"
-    return f"+{digits[:-8]} {digits[-8:-5]} ***-**-{digits[-2:]}" if len(digits) > 8 else "***" + digits[-2:]
+    number = _parsed(e164) if e164.startswith("+") else None
+    national = phonenumbers.national_significant_number(number) if number else ""
+    if not number or len(national) < 4 or not digits.endswith(national):
+        return "***" + digits[-2:]
+    head = national[:min(3, max(0, len(national) - 7))]
+    return f"+{number.country_code} " + (f"{head} " if head else "") + f"***-**-{national[-2:]}"
 
 
 def show(e164: str, visibility: str) -> str:

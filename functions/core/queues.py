@@ -4,8 +4,9 @@ Every SQS handler runs with batch size 1 (Chalice 1.34 cannot enable ReportBatch
 partial-batch answer would be ignored and failed records deleted). A handler's outcome:
 - success: the message is deleted by Lambda;
 - `Transient` or any unexpected error: the message's visibility is pushed out by an exponential
-  backoff (30 s doubling, capped at 15 min) and the error re-raised, so SQS delivers it again later.
-  Up to MAX_RECEIVES deliveries (about 2.7 hours) ride out an hour-long provider outage (R-7);
+  backoff (2 s doubling, capped at 15 min, jittered) and the error re-raised, so SQS delivers it
+  again later. A blip costs seconds (retries after about 2, 4, 8, 16 s); up to MAX_RECEIVES
+  deliveries (about 2.8 hours in all) ride out an hour-long provider outage (R-7);
 - `Poison`, or the last allowed delivery failing: the body goes to the queue's DLQ *with its reason*
   as message attributes, and the original is acknowledged. The queue's own redrive policy
   (maxReceiveCount 25 in infra/template.yaml) stays as the net for crashes that skip all of this.
@@ -20,8 +21,8 @@ import random
 from functions.core import resources
 from functions.core.observability import logger, metric
 
-MAX_RECEIVES = 16
-BACKOFF_BASE_SECONDS = 30
+MAX_RECEIVES = 20  # 2+4+...+512 s, then 900 s: 10,022 s (2.8 h) before the last delivery, < maxReceiveCount 25
+BACKOFF_BASE_SECONDS = 2
 BACKOFF_CAP_SECONDS = 900
 SQS_MAX_DELAY = 900
 
@@ -60,8 +61,8 @@ def send_to_dlq(kind: str, body: str, reason: str, code: str, receive_count: int
 
 
 def backoff_seconds(receive_count: int) -> int:
-    base = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, receive_count - 1))
-    return int(base * random.uniform(0.8, 1.0))  # jitter spreads a recovering provider's load
+    base = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** min(max(0, receive_count - 1), 30))
+    return max(1, round(base * random.uniform(0.8, 1.0)))  # jitter spreads a recovering provider's load
 
 
 def run(kind: str, record, handler) -> None:
@@ -73,7 +74,8 @@ def run(kind: str, record, handler) -> None:
         body = json.loads(record.body)
         if not isinstance(body, dict):
             raise ValueError("not an object")
-    except ValueError:
+        json.dumps(body, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") no store or client takes
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for Python's parser
         logger.error("malformed message parked in DLQ", extra={"queue": kind, "message_id": message_id})
         send_to_dlq(kind, record.body, "malformed message body", "malformed", receive_count)
         metric("MessagesParked", queue=kind)

@@ -1,12 +1,17 @@
-"""The intake worker (R-7, R-8): a queued lead becomes exactly one SalesRender order, then a callback.
+"""The intake worker (R-7, R-8): a queued lead gets its first callback, then exactly one SalesRender order.
 
 Steps, each safe to repeat after a crash or a duplicate message:
-1. the order is created through Powertools idempotency keyed on the lead id: a concurrent copy sees
-   the attempt in progress and retries later; a later copy gets the stored order id back;
-2. the order id is written on the lead;
-3. the first callback is sent with DelaySeconds = the offer's delay (CALLBACK_DELAY_SECONDS overrides),
-   then marked on the lead. A crash between send and mark can send it twice; the dialer dials each
-   (lead, attempt) once, so that costs nothing.
+1. the first callback is sent, due the offer's delay (CALLBACK_DELAY_SECONDS overrides) after the form
+   arrived (`lead.created_at`), then flagged on the lead. Speed to lead never waits for the CRM: the
+   dialer calls a lead without an order without reading the CRM, and the write-back waits for the
+   order. A crash between send and flag sends it twice; the dialer dials each (lead, attempt) once;
+2. the order is created through Powertools idempotency keyed on the lead id: a concurrent copy sees
+   the attempt in progress and retries later; a later copy gets the stored order id back. The
+   idempotency record is deleted when the attempt raises, so a lost answer (timeout, dropped
+   connection, 5xx after SalesRender acted) is covered differently: the lead is marked
+   `order_attempted_at` before the first `addOrder`, the order carries the lead id, and every later
+   attempt first looks for that order among the newest ones (`ordersFetcher`);
+3. the order id is written on the lead (the lead's `state` belongs to the calling stages by then).
 """
 
 from __future__ import annotations
@@ -20,16 +25,30 @@ from functions.core.observability import logger, metric
 from functions.core.phones import mask
 from functions.core.queues import Poison, Transient
 from functions.providers.salesrender import client as salesrender
-from functions.providers.salesrender.orders import add_order_input
+from functions.providers.salesrender import orders
 from functions.records import leads
 
 ORDER_RECORD_DAYS = 30
 
 
 def _create_order(lead: dict) -> str:
+    lead_id = lead["lead_id"]
     offer = config.load().offer(lead["offer_id"])
-    order_id = salesrender.default_client().add_order(add_order_input(lead, offer))
-    return order_id
+    client = salesrender.default_client()
+    if lead.get("order_attempted_at"):
+        # An earlier attempt may have created the order and lost the answer: look before adding again.
+        # If the look-up itself fails, nothing is added (the error is raised and retried).
+        found = client.find_order(lambda order: orders.made_for_lead(order, lead_id))
+        if found:
+            logger.info("order of an earlier attempt found", extra={"lead_id": lead_id, "order_id": found})
+            metric("OrdersFoundAfterLostAnswer", offer=str(offer.id))
+            return found
+    else:
+        leads.update(lead_id, only_if_missing="order_attempted_at", order_attempted_at=times.now_iso())
+        if not orders.findable(offer):
+            logger.warning("offer has no comment field and no landing_url: a lost answer cannot be looked up",
+                           extra={"lead_id": lead_id, "offer_id": offer.id})
+    return client.add_order(orders.add_order_input(lead, offer))
 
 
 @functools.cache
@@ -59,9 +78,42 @@ def _create_order_once():
     )(_create_order)
 
 
-def process(message: dict, lambda_context=None) -> None:
+def _schedule_first_callback(lead: dict, offer: config.Offer, log: dict) -> None:
+    now = times.utcnow()
+    delay = config.callback_delay(offer)
+    # Due `delay` after the form arrived, not after the order: a slow CRM must not delay the call.
+    due = (times.parse(lead.get("created_at")) or now) + dt.timedelta(seconds=delay)
+    schedule.schedule(lead["lead_id"], attempt=1, due_at=due, reason="new_lead", now=now)
+    leads.update(lead["lead_id"], only_if_missing="callback_scheduled_at", callback_scheduled_at=times.now_iso(),
+                 callback_due_at=times.iso(due), state="callback_scheduled")
+    logger.info("callback scheduled", extra={**log, "delay_seconds": delay, "due_at": times.iso(due)})
+
+
+def _ensure_order(lead: dict, offer: config.Offer, log: dict, lambda_context) -> None:
     from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 
+    lead_id = lead["lead_id"]
+    idem_config, create_once = _create_order_once()
+    if lambda_context is not None:
+        idem_config.register_lambda_context(lambda_context)
+    try:
+        order_id = create_once(lead=lead)
+    except IdempotencyAlreadyInProgressError:
+        raise Transient("order creation for this lead is in progress elsewhere") from None
+    except salesrender.SalesRenderError as exc:
+        leads.update(lead_id, last_error=str(exc), last_error_at=times.now_iso())
+        metric("OrderFailures", offer=str(offer.id), code=exc.code)
+        if not exc.transient:
+            # `order_state`, not `state`: the lead may be being called already.
+            leads.update(lead_id, order_state="failed", error=str(exc), order_failed_at=times.now_iso())
+            raise Poison(str(exc), code=exc.code) from None
+        raise Transient(str(exc)) from None
+    leads.update(lead_id, order_id=order_id, order_state="created", ordered_at=times.now_iso())
+    logger.info("order created", extra={**log, "order_id": order_id})
+    metric("OrdersCreated", offer=str(offer.id))
+
+
+def process(message: dict, lambda_context=None) -> None:
     lead_id = message.get("lead_id")
     if not isinstance(lead_id, str):
         raise Poison("message has no lead_id", code="malformed")
@@ -74,31 +126,7 @@ def process(message: dict, lambda_context=None) -> None:
         raise Poison(f"offer {lead['offer_id']} is not configured", code="unknown_offer")
     log = {"lead_id": lead_id, "offer_id": offer.id, "phone": mask(lead["phone"])}
 
-    order_id = lead.get("order_id")
-    if not order_id:
-        idem_config, create_once = _create_order_once()
-        if lambda_context is not None:
-            idem_config.register_lambda_context(lambda_context)
-        try:
-            order_id = create_once(lead=lead)
-        except IdempotencyAlreadyInProgressError:
-            raise Transient("order creation for this lead is in progress elsewhere") from None
-        except salesrender.SalesRenderError as exc:
-            leads.update(lead_id, last_error=str(exc), last_error_at=times.now_iso())
-            metric("OrderFailures", offer=str(offer.id), code=exc.code)
-            if not exc.transient:
-                leads.update(lead_id, state="failed", error=str(exc))
-                raise Poison(str(exc), code=exc.code) from None
-            raise Transient(str(exc)) from None
-        leads.update(lead_id, order_id=order_id, state="ordered", ordered_at=times.now_iso())
-        logger.info("order created", extra={**log, "order_id": order_id})
-        metric("OrdersCreated", offer=str(offer.id))
-
     if not lead.get("callback_scheduled_at"):
-        now = dt.datetime.now(dt.UTC)
-        delay = config.callback_delay(offer)
-        due = now + dt.timedelta(seconds=delay)
-        schedule.schedule(lead_id, attempt=1, due_at=due, reason="new_lead", now=now)
-        leads.update(lead_id, only_if_missing="callback_scheduled_at", callback_scheduled_at=times.now_iso(),
-                     callback_due_at=due.isoformat(timespec="seconds"), state="callback_scheduled")
-        logger.info("callback scheduled", extra={**log, "order_id": order_id, "delay_seconds": delay})
+        _schedule_first_callback(lead, offer, log)
+    if not lead.get("order_id"):
+        _ensure_order(lead, offer, log, lambda_context)

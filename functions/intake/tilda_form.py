@@ -6,40 +6,57 @@ tested directly and through the route alike.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote_plus
 
+from functions.core import safe_json
 from functions.core.config import TildaFields
 
 MAX_FIELDS = 500  # a real form has a few dozen; more is abuse, not a lead
 MAX_DEPTH = 6  # payment[products][0][options][0][variant] is the deepest Tilda goes
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a real post is a few KB; API Gateway itself stops at 10 MB
+MAX_PRODUCTS = 100
+# Byte (UTF-8) limits per stored field: together they keep a lead far below DynamoDB's 400 KB item limit.
+FIELD_BYTES = {"tranid": 256, "formid": 256, "formname": 512, "name": 512, "email": 320, "comment": 8192,
+               "orderid": 256, "utm": 512, "product_name": 1024, "sku": 256}
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term")
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 
 
 class BadPost(ValueError):
-    """The post cannot be understood; `field` names what was wrong."""
+    """The post cannot be understood; `field` names what was wrong, `status` is the HTTP answer."""
 
-    def __init__(self, field_name: str, message: str):
+    def __init__(self, field_name: str, message: str, status: int = 400):
         super().__init__(message)
         self.field = field_name
+        self.status = status
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` whose UTF-8 form fits in `max_bytes` (never half a character)."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode("utf-8", "ignore")
 
 
 def parse_body(raw: bytes, content_type: str | None) -> dict:
     """Tilda's body as a dict: urlencoded (bracket keys nested) or JSON."""
     mime = (content_type or "").split(";")[0].strip().lower()
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadPost("body", f"body is larger than {MAX_BODY_BYTES} bytes", status=413)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadPost("body", "body is not UTF-8") from None
     if mime == "application/json":
         try:
-            data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError:
-            raise BadPost("body", "body is not valid JSON") from None
+            data = safe_json.loads(text) if text.strip() else {}
+        except safe_json.BadJson as exc:
+            raise BadPost("body", f"body is {exc}" if str(exc) == "not valid JSON" else str(exc)) from None
         if not isinstance(data, dict):
             raise BadPost("body", "JSON body must be an object")
         return data
@@ -49,7 +66,7 @@ def parse_body(raw: bytes, content_type: str | None) -> dict:
         except ValueError:
             raise BadPost("body", f"more than {MAX_FIELDS} fields") from None
         return nest(pairs)
-    raise BadPost("Content-Type", f"unsupported content type {mime!r}")
+    raise BadPost("Content-Type", f"unsupported content type {clip(mime, 100)!r}", status=415)
 
 
 def nest(pairs: list[tuple[str, str]]) -> dict:
@@ -156,14 +173,17 @@ class TildaLead:
     order_ref: str = ""  # payment[orderid]: the dedupe key of carts posted without tranid
     amount_rub: float | None = None
     products: list[Product] = field(default_factory=list)
+    # tranid, else payment[orderid], as posted (a digest when too long to store): every copy maps to it.
+    dedupe_key: str | None = None
+    truncated: tuple[str, ...] = ()  # the fields cut to their byte limits, as Tilda named them
 
-    @property
-    def dedupe_key(self) -> str | None:
-        if self.tranid:
-            return f"tranid:{self.tranid}"
-        if self.order_ref:
-            return f"orderid:{self.order_ref}"
+
+def _dedupe_key(kind: str, value: str) -> str | None:
+    if not value:
         return None
+    if len(value.encode()) <= FIELD_BYTES[kind]:
+        return f"{kind}:{value}"
+    return f"{kind}-sha256:{hashlib.sha256(value.encode()).hexdigest()}"  # the whole value, stored short
 
 
 def _number(value, default: float = 0) -> float:
@@ -175,32 +195,51 @@ def _number(value, default: float = 0) -> float:
 
 
 def extract(data: dict, fields: TildaFields) -> TildaLead:
+    truncated: list[str] = []
+
+    def fit(value: str, kind: str, name: str | None) -> str:
+        kept = clip(value, FIELD_BYTES[kind])
+        if kept != value:
+            truncated.append(name or kind)
+        return kept
+
     payment = data.get("payment") if isinstance(data.get("payment"), dict) else {}
     products = []
     raw_products = payment.get("products")
-    for item in raw_products if isinstance(raw_products, list) else []:
+    raw_products = raw_products if isinstance(raw_products, list) else []
+    for i, item in enumerate(raw_products[:MAX_PRODUCTS]):
         if isinstance(item, dict):
+            sku_key = "sku" if _text(item.get("sku")) else "externalid"
             products.append(
                 Product(
-                    name=_text(item.get("name")),
+                    name=fit(_text(item.get("name")), "product_name", f"payment[products][{i}][name]"),
                     quantity=min(1000, max(1, int(_number(item.get("quantity"), 1)))),
                     price_rub=_number(item.get("price")),
-                    sku=_text(item.get("sku")) or _text(item.get("externalid")),
+                    sku=fit(_text(item.get(sku_key)), "sku", f"payment[products][{i}][{sku_key}]"),
                 )
             )
+    if len(raw_products) > MAX_PRODUCTS:
+        truncated.append("payment[products]")
     phone_field, phone_raw = find_field(data, fields.phone)
+    name_field, name = find_field(data, fields.name)
+    email_field, email = find_field(data, fields.email)
+    comment_field, comment = find_field(data, fields.comment)
+    utm = {k: fit(v, "utm", k) for k, v in parse_utm(data).items()}
+    tranid, order_ref = _text(data.get("tranid")), _text(payment.get("orderid"))
     amount = payment.get("amount")
     return TildaLead(
-        formid=_text(data.get("formid")),
-        formname=_text(data.get("formname")),
-        tranid=_text(data.get("tranid")),
+        formid=fit(_text(data.get("formid")), "formid", "formid"),
+        formname=fit(_text(data.get("formname")), "formname", "formname"),
+        tranid=fit(tranid, "tranid", "tranid"),
         phone_field=phone_field,
         phone_raw=phone_raw,
-        name=find_field(data, fields.name)[1][:200],
-        email=find_field(data, fields.email)[1][:200],
-        comment=find_field(data, fields.comment)[1][:2000],
-        utm=parse_utm(data),
-        order_ref=_text(payment.get("orderid")),
+        name=fit(name, "name", name_field),
+        email=fit(email, "email", email_field),
+        comment=fit(comment, "comment", comment_field),
+        utm=utm,
+        order_ref=fit(order_ref, "orderid", "payment[orderid]"),
         amount_rub=_number(amount) if amount not in (None, "") else None,
         products=products,
+        dedupe_key=_dedupe_key("tranid", tranid) or _dedupe_key("orderid", order_ref),
+        truncated=tuple(truncated),
     )

@@ -24,6 +24,7 @@ from functions.records import leads
 
 # Longer than the API Lambda's timeout, shorter than Tilda's one-minute retry interval.
 REQUEUE_AFTER_SECONDS = 20
+RAW_BYTES = 100_000  # the lead's copy of the post; with the clipped fields the item stays far below 400 KB
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -48,8 +49,15 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
     try:
         data = tilda_form.parse_body(body, content_type)
     except tilda_form.BadPost as exc:
-        status = 415 if exc.field == "Content-Type" else 400
-        return error(status, exc.field, str(exc))
+        outside_key = headers.get("x-api-key") or query.get("key")
+        if not secrets.matches("TILDA_API_KEY", outside_key):
+            return error(exc.status, exc.field, str(exc))  # nobody vouches for it: not worth storing
+        # The key outside the body vouches for a post we cannot read: keep it as it came.
+        rejected_id = leads.store_rejected("tilda", str(exc), exc.field, body)
+        logger.warning("tilda post unreadable", extra={"field": exc.field, "reason": str(exc),
+                                                        "rejected_id": rejected_id})
+        metric("LeadsRejected", source="tilda")
+        return error(exc.status, exc.field, str(exc), rejected_id=rejected_id)
     if tilda_form.is_test(data):
         return Reply(200, "ok")  # Tilda's connection check, with or without a key
 
@@ -62,7 +70,8 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
     formid = data.get("formid") if isinstance(data.get("formid"), str) else None
     offer = cfg.offer_for_form(formid)
     if offer is None:
-        return _reject(data, "formid", f"form {formid!r} feeds no offer" if formid else "formid is missing")
+        shown = tilda_form.clip(formid, 100) if formid else ""
+        return _reject(data, "formid", f"form {shown!r} feeds no offer" if formid else "formid is missing")
     post = tilda_form.extract(data, offer.tilda_fields)
     phone_field = post.phone_field or offer.tilda_fields.phone[0]
     if not post.phone_raw:
@@ -77,6 +86,11 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
     ).hexdigest()
     lead_id = leads.lead_id_for("tilda", dedupe_key)
     email_ok = bool(_EMAIL.match(post.email))
+    raw = json.dumps(data, ensure_ascii=False)
+    truncated = list(post.truncated)
+    if len(raw.encode()) > RAW_BYTES:
+        raw = tilda_form.clip(raw, RAW_BYTES)
+        truncated.append("raw")
     lead = {
         "lead_id": lead_id,
         "source": "tilda",
@@ -96,11 +110,13 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         "payment_orderid": post.order_ref,
         "amount_rub": post.amount_rub,
         "products": [p.__dict__ for p in post.products],
-        "raw": json.dumps(data, ensure_ascii=False)[:100_000],
+        "raw": raw,
         "created_at": times.now_iso(),
     }
+    if truncated:
+        lead["truncated_fields"] = truncated  # stored cut to their byte limits (a 4xx would lose the lead)
     log = {"lead_id": lead_id, "offer_id": offer.id, "phone": mask(phone), "formid": post.formid,
-           "tranid": post.tranid}
+           "tranid": post.tranid, **({"truncated_fields": truncated} if truncated else {})}
     if leads.create(lead):
         logger.info("lead accepted", extra=log)
         metric("LeadsAccepted", offer=str(offer.id))

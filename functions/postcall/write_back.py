@@ -27,6 +27,12 @@ OUTCOME_WORDS = {
     "no_answer": "нет ответа",
     "failed": "ошибка",
 }
+# Why a call was never placed (the dialer's not_dialled_reason), for the manager reading the CRM.
+NOT_DIALLED_WORDS = {
+    "do_not_call": "в списке «не звонить»",
+    "budget_exhausted": "бюджет месяца исчерпан",
+    "number outside +7": "номер вне +7, автодозвон невозможен",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +96,10 @@ def call_line(call: dict, zone: ZoneInfo) -> str:
         parts.append(f"{local:%Y-%m-%d %H:%M} {_zone_label(local)}")
     if call.get("direction") == "inbound":
         parts.append("входящий")
+    if call.get("outcome") == "not_dialled":
+        reason = str(call.get("not_dialled_reason") or "")
+        parts.append(f"не звонили: {NOT_DIALLED_WORDS.get(reason, reason or 'причина неизвестна')}")
+        return " · ".join(parts)
     operator = str(call.get("operator") or "—").split("@", 1)[0]  # a userId's domain says nothing to a manager
     parts.append(f"оператор {operator}")
     outcome = call.get("outcome")
@@ -132,8 +142,15 @@ def write_back(call_id: str) -> str:
         logger.info("no write-back configured for the offer (salesrender.fields.call_log): skipped", extra=log)
         return "no_sink"
     order_id = lead.get("order_id")
+    if not order_id and lead.get("source") == "api" and lead.get("order_via") != "intake":
+        # A manual call's lead from before manual leads got orders: none will ever exist, so waiting
+        # would only retry into the DLQ. Recorded on the call instead.
+        calls.update(call_id, write_back_skipped="no_crm_order")
+        logger.info("no CRM order for the call's lead: write-back skipped", extra=log)
+        metric("WriteBackSkipped", reason="no_crm_order")
+        return "no_order"
     if not order_id:
-        if lead.get("state") == "failed":
+        if lead.get("order_state") == "failed" or lead.get("state") == "failed":
             raise Poison(f"lead {lead_id} has no CRM order (intake failed)", code="no_order")
         raise Transient(f"lead {lead_id} has no CRM order yet")  # the intake worker is still retrying
     history = calls.ended_of_lead(lead_id)

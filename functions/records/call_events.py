@@ -4,6 +4,7 @@ Items:
 - event           pk=TRACK#<extTrackingId>  sk=EVENT#<eventID>   every event once, by its eventID
 - binding         pk=TRACK#<extTrackingId>  sk=CALL              which callbridge call the id is
 - event marker    pk=XSIEVENT#<eventID>     sk=EVENT             events with no call (subscription ends)
+Events and bindings hold phone numbers: they expire (`ttl`) after the configured data retention.
 Provider-neutral: an event is stored as its leg's fields, whatever the provider's wire format was.
 """
 
@@ -14,10 +15,9 @@ import time
 
 from functions.core import resources, store, times
 from functions.providers.beeline.events import CallData, XsiEvent
-from functions.records import calls
+from functions.records import calls, retention
 
-EVENT_TTL_SECONDS = 60 * 86400
-MARKER_TTL_SECONDS = 7 * 86400
+MARKER_TTL_SECONDS = 7 * 86400  # no personal data: just long enough to recognise a copy
 
 
 def _track(ext: str) -> str:
@@ -29,7 +29,7 @@ def store_event(event: XsiEvent) -> bool:
     leg = event.call
     return store.put_new({"pk": _track(leg.ext_tracking_id), "sk": f"EVENT#{event.event_id}"}, {
         "event_type": event.event_type, "target_id": event.target_id, "leg": dataclasses.asdict(leg),
-        "received_at": times.now_iso(), "ttl": int(time.time()) + EVENT_TTL_SECONDS,
+        "received_at": times.now_iso(), "ttl": retention.ttl(),
     })
 
 
@@ -46,7 +46,7 @@ def legs(ext: str) -> list[CallData]:
 def bind(ext: str, call_id: str, target_id: str = "") -> str:
     """Tie an extTrackingId to a call, once; returns the call it is bound to (the first binding wins)."""
     key = {"pk": _track(ext), "sk": "CALL"}
-    if not store.put_new(key, {"call_id": call_id}):
+    if not store.put_new(key, {"call_id": call_id, "ttl": retention.ttl()}):
         return store.get(key)["call_id"]
     calls.update(call_id, ext_tracking_id=ext, **({"target_id": target_id} if target_id else {}))
     return call_id

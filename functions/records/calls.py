@@ -2,7 +2,7 @@
 
 The call id is derived from the lead id and the attempt number, so every duplicate of a callback
 message names the same call, and `claim` (queued/absent -> dialing, conditional) lets exactly one
-worker dial it (R-11).
+worker dial it (R-11). Calls and their call-log lines expire (`ttl`) after the configured data retention.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 
 from functions.core import resources, store, times
+from functions.records import retention
 
 CALL_NAMESPACE = uuid.UUID("0c5d1e2a-3b4f-4a6b-9c8d-7e6f5a4b3c2d")
 STATES = ("queued", "dialing", "ringing", "talking", "ended")
@@ -24,13 +25,18 @@ def _key(call_id: str) -> dict:
     return {"pk": f"CALL#{call_id}", "sk": "CALL"}
 
 
+def key(call_id: str) -> dict:
+    """The call item's key, for a transaction another record module writes together with it."""
+    return _key(call_id)
+
+
 def create(call: dict) -> bool:
     """Store a new call record unless one with its id exists; True when this created it."""
-    return store.put_new(_key(call["call_id"]), call)
+    return store.put_new(_key(call["call_id"]), {**call, "ttl": retention.ttl()})
 
 
 def create_queued(call: dict) -> bool:
-    return store.put_new(_key(call["call_id"]), {**call, "state": "queued"})
+    return store.put_new(_key(call["call_id"]), {**call, "state": "queued", "ttl": retention.ttl()})
 
 
 def get(call_id: str) -> dict | None:
@@ -41,7 +47,7 @@ def claim(call_id: str, attributes: dict) -> bool:
     """Move the call to "dialing" if nobody has: absent (automatic callback) or "queued" (created by
     POST /v1/calls). Exactly one concurrent caller gets True."""
     return store.update(
-        _key(call_id), {**attributes, "call_id": call_id, "state": "dialing"},
+        _key(call_id), {**attributes, "call_id": call_id, "state": "dialing", "ttl": retention.ttl()},
         condition="attribute_not_exists(pk) OR #state = :queued", names={"#state": "state"},
         values={":queued": "queued"},
     )
@@ -52,6 +58,17 @@ def unclaim(call_id: str) -> bool:
     return store.update(_key(call_id), {"state": "queued"}, condition="#state = :dialing",
                         names={"#state": "state"}, values={":dialing": "dialing"},
                         remove=("operator", "channel_slot", "dialing_at"))
+
+
+def settle_not_dialled(call_id: str, reason: str, attributes: dict) -> bool:
+    """End a call that will never be placed (absent or "queued" -> "ended", outcome "not_dialled", with
+    the reason), unless a worker claimed it meanwhile. True when this write settled it."""
+    return store.update(
+        _key(call_id), {**attributes, "call_id": call_id, "state": "ended", "outcome": "not_dialled",
+                        "not_dialled_reason": reason, "ended_at": times.now_iso(), "ttl": retention.ttl()},
+        condition="attribute_not_exists(pk) OR #state = :queued", names={"#state": "state"},
+        values={":queued": "queued"},
+    )
 
 
 def update(call_id: str, **changes) -> bool:
@@ -82,7 +99,8 @@ def flag_once(call_id: str, flag: str) -> bool:
 
 # The lead's call history (pk=LEAD#<lead_id> sk=CALLLOG#<ended_at>#<call_id>): sorted by when each ended.
 def log_ended(lead_id: str, ended_at: str, call_id: str) -> None:
-    store.put_new({"pk": f"LEAD#{lead_id}", "sk": f"CALLLOG#{ended_at}#{call_id}"}, {"call_id": call_id})
+    store.put_new({"pk": f"LEAD#{lead_id}", "sk": f"CALLLOG#{ended_at}#{call_id}"},
+                  {"call_id": call_id, "ttl": retention.ttl()})
 
 
 def ended_of_lead(lead_id: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """Data access for leads in the state table (single-table design, keys `pk`/`sk`).
 
 Items:
-- lead            pk=LEAD#<lead_id>            sk=LEAD
+- lead            pk=LEAD#<lead_id>            sk=LEAD   (expires after the configured data retention)
 - rejected post   pk=REJECTED#<yyyy-mm-dd>     sk=<iso time>#<id>   (kept 30 days for inspection)
 Only this module knows the key layout; logic passes and receives plain dicts.
 """
@@ -13,6 +13,7 @@ import time
 import uuid
 
 from functions.core import resources, store, times
+from functions.records import retention
 
 LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
 REJECTED_TTL_SECONDS = 30 * 86400
@@ -28,8 +29,9 @@ def _key(lead_id: str) -> dict:
 
 
 def create(lead: dict) -> bool:
-    """Store a new lead unless one with that id exists. True when this call created it."""
-    return store.put_new(_key(lead["lead_id"]), lead)
+    """Store a new lead unless one with that id exists. True when this call created it. It expires
+    (`ttl`) after the configured data retention."""
+    return store.put_new(_key(lead["lead_id"]), {**lead, "ttl": retention.ttl()})
 
 
 def get(lead_id: str) -> dict | None:
@@ -55,24 +57,38 @@ def latest_by_phone(phone: str) -> dict | None:
     return get(found[0]["pk"].removeprefix("LEAD#")) if found else None
 
 
-def store_rejected(source: str, reason: str, field_name: str, raw: dict) -> str:
-    """Keep a rejected post (R-5: nothing lost) where an operator can find it by day."""
+def store_rejected(source: str, reason: str, field_name: str, raw: dict | str | bytes) -> str:
+    """Keep a rejected post (R-5: nothing lost) where an operator can find it by day: a parsed post
+    (dict) as JSON, an unreadable one as it came. A post too large for a DynamoDB item (400 KB) is kept
+    whole in the recordings bucket under `raw/` (same 30-day lifecycle); the item holds its start."""
+    inline_bytes = 100_000  # with the other attributes, far below the item limit whatever the script
+
+    def clip(text: str, max_bytes: int) -> str:
+        return text.encode()[:max_bytes].decode("utf-8", "ignore")  # never half a character
+
     rejected_id = str(uuid.uuid4())
     now = times.now_iso()
-    resources.table().put_item(
-        Item={
-            "pk": f"REJECTED#{now[:10]}",
-            "sk": f"{now}#{rejected_id}",
-            "rejected_id": rejected_id,
-            "source": source,
-            "reason": reason,
-            "field": field_name,
-            # UTF-8 Cyrillic is 2 bytes a char: this stays under DynamoDB's 400 KB item limit.
-            "raw": json.dumps(raw, ensure_ascii=False)[:150_000],
-            "received_at": now,
-            "ttl": int(time.time()) + REJECTED_TTL_SECONDS,
-        }
-    )
+    if isinstance(raw, dict):
+        raw = json.dumps(raw, ensure_ascii=False)
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    text = data.decode("utf-8", "replace")
+    item = {
+        "pk": f"REJECTED#{now[:10]}",
+        "sk": f"{now}#{rejected_id}",
+        "rejected_id": rejected_id,
+        "source": source,
+        "reason": clip(reason, 1000),
+        "field": clip(field_name, 256),
+        "raw": text,
+        "received_at": now,
+        "ttl": int(time.time()) + REJECTED_TTL_SECONDS,
+    }
+    if len(data) > inline_bytes or text.encode() != data:  # too big, or not text: the bytes go to S3
+        key = f"raw/rejected/{now[:10]}/{rejected_id}"
+        resources.client("s3").put_object(Bucket=resources.bucket_name(), Key=key, Body=data,
+                                          ContentType="application/octet-stream")
+        item.update(raw=clip(text, inline_bytes), raw_s3_key=key, raw_bytes=len(data), raw_truncated=True)
+    resources.table().put_item(Item=item)
     return rejected_id
 
 

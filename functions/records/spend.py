@@ -1,17 +1,25 @@
 """Telephony spend per calendar month (R-23), pk=SPEND#<yyyy-mm> sk=TOTAL.
 
-The call tracker adds each call's cost; calling/budget.py checks it before every call.
+The month is the business's: the calendar month in `budget.timezone` (Moscow by default), so a call at
+01:00 Moscow on the 1st counts in the new month although it is still the old one in UTC.
+The call tracker adds each call's cost once (`add_call_cost`); calling/budget.py checks it before every call.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from zoneinfo import ZoneInfo
 
-from functions.core import store
+from functions.core import config, resources, store, times
+from functions.records import calls
 
 
 def month(now: dt.datetime | None = None) -> str:
-    return (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m")
+    """The budget month (yyyy-mm) of a moment (naive means UTC), now by default."""
+    moment = now or times.utcnow()
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(ZoneInfo(config.load().budget.timezone)).strftime("%Y-%m")
 
 
 def _key(yyyy_mm: str) -> dict:
@@ -23,6 +31,40 @@ def spent(yyyy_mm: str | None = None) -> float:
 
 
 def add(rub: float, yyyy_mm: str | None = None) -> float:
-    """Add a call's cost; returns the month's new total."""
+    """Add a cost that belongs to no call; returns the month's new total."""
     item = store.update(_key(yyyy_mm or month()), {}, add={"rub": round(rub, 2), "calls": 1}, return_new=True)
     return float(item["rub"])
+
+
+def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None) -> bool:
+    """Add a call's cost to the month and mark the call `cost_counted`, in one transaction: both or
+    neither, so a crash never loses the cost and a retry (also after a lost answer) never counts it
+    twice. True when this call counted it, False when it had been counted before."""
+    from boto3.dynamodb.types import TypeSerializer
+    from botocore.exceptions import ClientError
+
+    typed = TypeSerializer().serialize
+    table = resources.table_name()
+    spend_update = {
+        "TableName": table, "Key": {k: typed(v) for k, v in _key(yyyy_mm or month()).items()},
+        "UpdateExpression": "ADD #rub :rub, #calls :one",
+        "ExpressionAttributeNames": {"#rub": "rub", "#calls": "calls"},
+        "ExpressionAttributeValues": {":rub": typed(store.to_dynamo(round(rub, 2))), ":one": typed(1)},
+    }
+    flag_update = {
+        "TableName": table, "Key": {k: typed(v) for k, v in calls.key(call_id).items()},
+        "UpdateExpression": "SET #flag = :at",
+        "ConditionExpression": "attribute_exists(pk) AND attribute_not_exists(#flag)",
+        "ExpressionAttributeNames": {"#flag": "cost_counted"},
+        "ExpressionAttributeValues": {":at": typed(times.now_iso())},
+    }
+    try:
+        resources.client("dynamodb").transact_write_items(
+            TransactItems=[{"Update": spend_update}, {"Update": flag_update}])
+    except ClientError as exc:
+        reasons = exc.response.get("CancellationReasons") or []
+        if exc.response["Error"]["Code"] == "TransactionCanceledException" and any(
+                r.get("Code") == "ConditionalCheckFailed" for r in reasons):
+            return False
+        raise
+    return True

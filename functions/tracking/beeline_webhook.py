@@ -1,10 +1,11 @@
 """`POST /webhooks/beeline/{secret}` (R-15): Beeline's XSI events, acknowledged fast.
 
 Checks in order: the secret in the path (wrong: 404, as if the URL did not exist, nothing stored),
-the caller's address against the configured CIDR allowlist (403), a hardened parse (400), then the
-event is stored once by its eventID. Only a failure to store answers 5xx (so a retrying sender can
-try again); a failure after that is logged and acknowledged, because the stored event is applied
-again by the next event of the call or by the reconciler.
+the caller's address against the configured CIDR allowlist (403), a hardened parse (400 naming the
+element at fault; the document is kept with the rejected posts), then the event is stored once by its
+eventID. Only a failure to store answers 5xx (so a retrying sender can try again); a failure after
+that is logged and acknowledged, because the stored event is applied again by the next event of the
+call or by the reconciler.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functions.core import config, secrets
 from functions.core.observability import logger, metric
 from functions.core.replies import Reply, error
 from functions.providers.beeline.events import BadEvent, parse
-from functions.records import call_events
+from functions.records import call_events, leads
 
 
 def _allowed(source_ip: str | None, cidrs: list[str]) -> bool:
@@ -35,7 +36,12 @@ def receive(secret: str, body: bytes, source_ip: str | None) -> Reply:
     try:
         event = parse(body)
     except BadEvent as exc:
-        return error(400, "body", str(exc))
+        # The caller passed the secret and the allowlist: keep what it sent for a person to look at.
+        rejected_id = leads.store_rejected("beeline", str(exc), exc.field, body)
+        logger.warning("beeline event rejected", extra={"field": exc.field, "reason": str(exc),
+                                                        "rejected_id": rejected_id})
+        metric("EventsRejected")
+        return error(400, exc.field, str(exc), rejected_id=rejected_id)
 
     from functions.tracking import tracker  # deferred: only real events pay for the tracker's imports
 

@@ -15,6 +15,11 @@ pk=OPENCALLS; for each one:
    (default 4 h) instead: a long conversation has no statistics row until it ends.
 `tracker.finalize` does the rest: channel lease and operator freed, the retry policy, the
 post-call job. One bad call (Beeline error, a broken item) is logged and skipped, never the run.
+
+Before all that, a cheap first pass keeps every call that is still talking alive (its channel lease and
+operator reservation extended, `tracker.keep_alive`), so a long conversation that sends no event keeps
+its channel even when the statistics look-ups eat the run's time budget. An inbound call's new lead that
+a crash left unqueued is queued again (`inbound.ensure_lead`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from functions.core import times
 from functions.core.observability import logger, metric
 from functions.providers.beeline import client as beeline
 from functions.records import calls
-from functions.tracking import tracker
+from functions.tracking import inbound, tracker
 
 DEFAULT_AFTER_SECONDS = 900
 DEFAULT_EXPIRE_SECONDS = 3600
@@ -116,7 +121,7 @@ def _settle_from_row(call_id: str, call: dict, row: dict) -> bool:
     ended_at = times.from_epoch_ms(start_ms + max(0, duration_ms))
     if status != "MISSED" and duration_ms > 0:
         return tracker.finalize(call_id, "answered", answered_at=times.from_epoch_ms(start_ms), ended_at=ended_at,
-                                     talk_seconds=round(duration_ms / 1000), source="statistics")
+                                talk_seconds=tracker.talk_seconds_of(duration_ms), source="statistics")
     if status == "MISSED":
         outcome = "no_answer" if call.get("direction") == "inbound" else "operator_missed"
     else:
@@ -132,9 +137,13 @@ def _reconcile_call(call_id: str, now: float, counts: dict) -> None:
         calls.mark_closed(call_id)
         counts["closed"] += 1
         return
+    if call.get("direction") == "inbound" and inbound.ensure_lead(call, older_than=inbound.REQUEUE_AFTER_SECONDS,
+                                                                   now=now):
+        counts["requeued"] += 1
     if call.get("state") == "ended":
-        if not call.get("effects_done"):
-            # Ended but its consequences were cut short (a crash inside finalize): finish them.
+        # Ended but its consequences were cut short (a crash inside finalize): finish them. A call ended
+        # without being placed (outcome not_dialled) holds nothing the tracker would free.
+        if not call.get("effects_done") and call.get("outcome") in calls.OUTCOMES:
             tracker.finalize(call_id, call.get("outcome") or "failed", source=call.get("settled_by") or "events")
         calls.mark_closed(call_id)
         counts["closed"] += 1
@@ -185,13 +194,25 @@ def _reconcile_call(call_id: str, now: float, counts: dict) -> None:
             logger.warning("call expired without events or statistics", extra=log)
 
 
+def _keep_talking_calls_alive(open_ids: list[str], counts: dict) -> None:
+    for call_id in open_ids:
+        try:
+            call = calls.get(call_id)
+            if call is not None and call.get("state") == "talking":
+                tracker.keep_alive(call_id, call)
+                counts["kept_alive"] += 1
+        except Exception:  # noqa: BLE001 - one broken call must not stop the others (the main pass counts it)
+            logger.exception("talking call not kept alive", extra={"call_id": call_id})
+
+
 def reconcile(now: float | None = None) -> dict:
     """One pass over the open calls; returns counts (checked, refreshed, settled_statistics, expired,
-    plus settled_events, closed, errors, deferred)."""
+    plus settled_events, closed, kept_alive, requeued, errors, deferred)."""
     now = time.time() if now is None else now
     counts = dict.fromkeys(("checked", "refreshed", "settled_events", "settled_statistics", "expired", "closed",
-                            "errors", "deferred"), 0)
+                            "kept_alive", "requeued", "errors", "deferred"), 0)
     open_ids = calls.open_calls()
+    _keep_talking_calls_alive(open_ids, counts)  # first: DynamoDB only, never cut short by the time budget
     random.shuffle(open_ids)  # with the time budget, no call is always at the back of the line
     started = time.monotonic()
     for index, call_id in enumerate(open_ids):

@@ -44,10 +44,15 @@ class Derived:
 
     @property
     def talk_seconds(self) -> int:
-        # Rounded up: 60.4 s is two started minutes when billed, so it must not show as 60.
         if self.answered_ms is None or self.ended_ms is None:
             return 0
-        return max(0, math.ceil((self.ended_ms - self.answered_ms) / 1000))
+        return talk_seconds_of(self.ended_ms - self.answered_ms)
+
+
+def talk_seconds_of(duration_ms: float) -> int:
+    """Talk time in whole seconds, the same on every path (events, statistics): rounded up, because
+    60.4 s is two started minutes when billed and must not show as 60."""
+    return max(0, math.ceil(duration_ms / 1000))
 
 
 def _release_outcome(leg: CallData) -> str | None:
@@ -158,12 +163,19 @@ def refresh(call_id: str, ext: str) -> str:
         changes["answered_at"] = times.from_epoch_ms(derived.answered_ms)
     calls.progress(call_id, **changes)
     if derived.state == "talking":
-        call = calls.get(call_id) or {}
-        if call.get("channel_slot") is not None:  # a long conversation keeps its channel and its operator
-            channels.extend(call["provider"], int(call["channel_slot"]), call_id, channels.lease_seconds())
-        if call.get("operator") and call.get("direction") != "inbound":
-            operators.reserve(call["operator"], call_id)  # the holder re-reserving extends busy_until
+        keep_alive(call_id, calls.get(call_id) or {})
     return derived.state
+
+
+def keep_alive(call_id: str, call: dict) -> None:
+    """A call still talking keeps its channel lease and its operator for another lease period: run on
+    every event and on the reconciler's pass (every 5 min), so a 40-minute call that sends no event after
+    its answer never outlives its 20-minute lease."""
+    if call.get("channel_slot") is not None:
+        channels.extend(call["provider"], int(call["channel_slot"]), call.get("holder") or call_id,
+                        channels.lease_seconds())
+    if call.get("operator") and call.get("direction") != "inbound":
+        operators.reserve(call["operator"], call_id, holder=call.get("holder") or call_id)  # extends busy_until
 
 
 def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ended_at: str | None = None,
@@ -180,22 +192,26 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
     call = calls.get(call_id)
     if call is None or call.get("effects_done"):
         return ended_now
-    if call.get("cost_rub") and calls.flag_once(call_id, "cost_counted"):
-        spend.add(float(call["cost_rub"]))
+    if call.get("cost_rub") and not call.get("cost_counted"):
+        # The cost and its flag in one transaction; counted in the business month the call ended in.
+        spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])))
     if call.get("direction") != "inbound":
         if call.get("channel_slot") is not None:
-            channels.release(call["provider"], int(call["channel_slot"]), call_id)
+            channels.release(call["provider"], int(call["channel_slot"]), call.get("holder") or call_id)
         if call.get("operator"):
-            operators.release(call["operator"], call_id)
+            operators.release(call["operator"], call.get("holder") or call_id)  # the claim's holder token
     calls.log_ended(call["lead_id"], call["ended_at"], call_id)
     if call.get("direction") == "inbound":
         if call["outcome"] == "answered":
             leads.update(call["lead_id"], called_by_person_at=times.now_iso())
     else:
         retry_policy.on_outcome(call_id)
-    if calls.flag_once(call_id, "post_call_queued"):
+    if not call.get("post_call_queued"):
+        # Sent, then flagged: a crash in between sends the job twice, which is harmless (the recorder and
+        # the write-back are idempotent); flagging first would lose the recording and the write-back.
         job = "recording" if call["outcome"] == "answered" and cfg.provider.recording else "writeback"
         queues.send("recordings", {"job": job, "call_id": call_id})
+        calls.flag_once(call_id, "post_call_queued")
     calls.update(call_id, effects_done=True)
     calls.mark_closed(call_id)
     if ended_now:

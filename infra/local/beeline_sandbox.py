@@ -612,6 +612,58 @@ class BeelineSandbox(SandboxServer):
             self._init_state()
             self._cv.notify_all()
 
+    def state(self) -> dict[str, Any]:
+        """What `make run` keeps across restarts: calls, recordings (their audio is made again from the duration),
+        live subscriptions, outcomes, agent and recording switches, and the id counters. A call still in
+        progress is kept as far as it got; faults, hold and the delivery log are per run."""
+        def public(item: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: copy.deepcopy(v) for k, v in item.items() if not k.startswith("_")}
+
+        now = time.monotonic()
+        with self._lock:
+            subs = [{**{k: sub[k] for k in ("id", "url", "type", "pattern", "target_type", "target_id",
+                                             "requested", "granted", "created_at", "sequence")},
+                     "seconds_left": self._seconds_left(sub)} for sub in self._live_subscriptions()]
+            return {
+                "calls": [public(c) for c in self._calls],
+                "records": [{**public(r), "available_in": max(0.0, r["_available_at"] - now)}
+                            for r in self._records.values()],
+                "references": {key: [record_id, max(0.0, until - now)]
+                               for key, (record_id, until) in self._references.items() if until > now},
+                "subscriptions": subs, "outcomes": copy.deepcopy(self._outcomes), "agent": dict(self._agent),
+                "recording": dict(self._recording), "originates": self._originates,
+                "max_in_flight": self._max_in_flight, "next_tracking": self._next_tracking,
+                "next_call_half": self._next_call_half, "next_record_id": self._next_record_id,
+            }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        now = time.monotonic()
+        with self._cv:
+            self._init_state()
+            for call in state["calls"]:
+                abonent = self._abonent_by_user_id(call["abonent_user_id"]) or {"userId": call["abonent_user_id"]}
+                self._calls.append({**copy.deepcopy(call), "_abonent": abonent})
+            for record in state["records"]:
+                record = copy.deepcopy(record)
+                available_in = record.pop("available_in", 0.0)
+                record.pop("available", None)
+                self._records[record["id"]] = {**record, "_audio": silent_mp3(record["duration"] / 1000),
+                                               "_available_at": now + available_in}
+            self._references = {key: (record_id, now + left) for key, (record_id, left) in state["references"].items()}
+            for sub in state["subscriptions"]:
+                sub = dict(sub)
+                left = sub.pop("seconds_left")
+                self._subs[sub["id"]] = {**sub, "created_mono": now - (sub["granted"] - left) * self.time_scale,
+                                         "queue": deque(), "busy": False, "live": True}
+            self._outcomes = copy.deepcopy(state["outcomes"])
+            self._agent.update(state["agent"])
+            self._recording.update(state["recording"])
+            self._originates = state["originates"]
+            self._max_in_flight = state["max_in_flight"]
+            self._next_tracking = state["next_tracking"]
+            self._next_call_half = state["next_call_half"]
+            self._next_record_id = state["next_record_id"]
+
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no simulated call is in progress and every queued event has been posted. True if idle."""
         deadline = time.monotonic() + timeout
@@ -1394,6 +1446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recording-delay", type=float, default=0.0,
                         help="simulated seconds before a recording can be downloaded")
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
+    parser.add_argument("--state-file", help="keep calls, recordings and subscriptions in this JSON file")
     args = parser.parse_args(argv)
 
     try:
@@ -1403,7 +1456,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"beeline sandbox: {exc}", file=sys.stderr)
         return 2
-    return serve_until_signalled(sandbox, "beeline sandbox")
+    return serve_until_signalled(sandbox, "beeline sandbox", args.state_file)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,21 +1,47 @@
-"""Make moto's DynamoDB writes atomic, as DynamoDB's are.
+"""The local stack's moto server: DynamoDB writes made atomic, state kept across restarts, a clean access log.
 
-DynamoDB evaluates a ConditionExpression and applies the write as one atomic step; moto 5.2 checks
-and writes without a lock, so two threads can both pass `attribute_not_exists(holder)`. Channel
+Atomic writes: DynamoDB evaluates a ConditionExpression and applies the write as one atomic step; moto 5.2
+checks and writes without a lock, so two threads can both pass `attribute_not_exists(holder)`. Channel
 leases, call claims and the webhook's one-lead-per-tranid all rest on that atomicity, so tests and the
 local stack would otherwise show races that cannot happen in AWS (or hide real ones among them).
-`patch()` serialises moto's write operations with one lock; `python -m infra.local.moto_atomic`
-runs the moto server with the patch applied (what `make run` starts).
+`patch()` serialises moto's write operations with one lock.
+
+State (`--state-file`): moto keeps everything in memory, so a restart lost every lead, queued message and
+recording. moto 5.2 offers no restore of its own (`/moto-api/data.json` is a read-only dump; its recorder
+replays raw requests, which would receive SQS messages again and leave them in flight). So the server
+pickles its backends: after any request that may change state (within SNAPSHOT_SECONDS) and when it is
+stopped, and loads them at start. Requests hold a shared lock and a snapshot an exclusive one, so a
+snapshot never holds half a request; an SQS long poll lets go of it while it waits. A message received
+but not yet deleted when the snapshot was taken comes back after the restart: at least once, as in SQS.
+A crash (SIGKILL) loses at most the last SNAPSHOT_SECONDS.
+
+Access log: werkzeug's shows each request's path; the query is replaced by its names (a presigned S3
+link carries its signature there).
+
+    python -m infra.local.moto_atomic -H 127.0.0.1 -p 5000 --state-file build/local/moto-state.pickle
 """
 
 from __future__ import annotations
 
+import _thread
+import argparse
+import contextlib
 import functools
+import io
+import os
+import pickle
+import signal
 import sys
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 _LOCK = threading.RLock()
 _WRITES = ("put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item")
+SNAPSHOT_SECONDS = 0.25
+# Operations (the X-Amz-Target's last part) that change nothing worth keeping. ReceiveMessage does move a
+# message in flight, but a snapshot without that only makes the message visible again after a restart.
+_READ_PREFIXES = ("Get", "List", "Describe", "Query", "Scan", "BatchGet", "Receive")
 
 
 def patch() -> None:
@@ -35,11 +61,257 @@ def patch() -> None:
         setattr(DynamoDBBackend, name, atomic)
 
 
-def main() -> int:
-    patch()
-    from moto.server import main as moto_main
+class SharedLock:
+    """Many holders of the shared side (requests) or one of the exclusive side (a snapshot); a waiting
+    exclusive holder goes first, so snapshots are not starved by a steady stream of requests."""
 
-    moto_main(sys.argv[1:])
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._mine = threading.local()
+
+    def held_shared(self) -> bool:
+        return getattr(self._mine, "shared", 0) > 0
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        self._mine.shared = getattr(self._mine, "shared", 0) + 1
+
+    def release_shared(self) -> None:
+        self._mine.shared -= 1
+        with self._cond:
+            self._shared -= 1
+            if not self._shared:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float) -> Iterator[bool]:
+        """Yields False (holding nothing) when the shared holders do not let go within `timeout`."""
+        with self._cond:
+            self._waiting += 1
+            got = self._cond.wait_for(lambda: not self._shared and not self._exclusive, timeout)
+            self._waiting -= 1
+            if got:
+                self._exclusive = True
+            else:
+                self._cond.notify_all()  # requests held back by our wait may go on
+        try:
+            yield got
+        finally:
+            if got:
+                with self._cond:
+                    self._exclusive = False
+                    self._cond.notify_all()
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles moto's models: locks and conditions become fresh ones, KMS keys travel as DER."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, threading.Condition):
+            return threading.Condition, ()
+        kind = type(obj)
+        if kind is _thread.LockType:
+            return threading.Lock, ()
+        if kind is _thread.RLock or kind is type(threading.RLock()):
+            return threading.RLock, ()
+        if kind.__module__.startswith("cryptography") and hasattr(obj, "private_bytes"):
+            from cryptography.hazmat.primitives import serialization
+
+            der = obj.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            return _load_private_key, (der,)
+        return NotImplemented
+
+
+def _load_private_key(der: bytes):
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_der_private_key(der, password=None)
+
+
+def _changes_state(environ: dict) -> bool:
+    if environ.get("REQUEST_METHOD") in ("GET", "HEAD", "OPTIONS"):
+        return False
+    operation = (environ.get("HTTP_X_AMZ_TARGET") or "").rsplit(".", 1)[-1]
+    return not (operation and operation.startswith(_READ_PREFIXES))
+
+
+class Snapshots:
+    """moto's backends saved to and loaded from one file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lock = SharedLock()
+        self._count_lock = threading.Lock()
+        self.changes = 0
+        self.saved = 0
+        self._warned: set[str] = set()
+
+    def wsgi(self, app):
+        def application(environ, start_response):
+            changes = _changes_state(environ)
+            with self.lock.shared():
+                result = app(environ, start_response)
+                try:
+                    body = list(result)  # the whole answer inside the lock: nothing of it runs after a snapshot
+                finally:
+                    if hasattr(result, "close"):
+                        result.close()
+                if changes:
+                    with self._count_lock:
+                        self.changes += 1
+            return body
+
+        return application
+
+    def patch_long_poll(self) -> None:
+        """An SQS long poll waits without the shared lock (a snapshot would otherwise wait for it)."""
+        from moto.sqs.models import Queue
+
+        wait = Queue.wait_for_messages
+        if getattr(wait, "_lets_go", False):
+            return
+        lock = self.lock
+
+        def wait_for_messages(queue, timeout):
+            if not lock.held_shared():
+                return wait(queue, timeout)
+            lock.release_shared()
+            try:
+                return wait(queue, timeout)
+            finally:
+                lock.acquire_shared()
+
+        wait_for_messages._lets_go = True
+        Queue.wait_for_messages = wait_for_messages
+
+    def _state(self) -> dict:
+        from moto.core.base_backend import BackendDict
+
+        return {bd.service_name: {account: dict(regions) for account, regions in bd.items()}
+                for bd in BackendDict._instances}
+
+    def save(self, timeout: float = 5.0) -> bool:
+        import moto
+
+        with self.lock.exclusive(timeout) as got:
+            if not got:
+                return False
+            changes = self.changes
+            backends = {}
+            for service, accounts in self._state().items():
+                buffer = io.BytesIO()
+                try:
+                    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(accounts)
+                except Exception as exc:  # one service that cannot be kept must not cost the others
+                    if service not in self._warned:
+                        self._warned.add(service)
+                        print(f"moto state: {service} is not kept: {type(exc).__name__}: {exc}", file=sys.stderr,
+                              flush=True)
+                    continue
+                backends[service] = buffer.getvalue()
+        data = pickle.dumps({"moto": moto.__version__, "backends": backends}, protocol=pickle.HIGHEST_PROTOCOL)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)  # a crash mid-write leaves the previous snapshot whole
+        self.saved = changes
+        return True
+
+    def load(self) -> bool:
+        """Restore the saved backends (before serving). False when there is no saved state."""
+        import moto
+        from moto.backends import get_backend
+
+        if not self.path.exists():
+            return False
+        data = pickle.loads(self.path.read_bytes())  # noqa: S301 - our own file, written by save()
+        if data.get("moto") != moto.__version__:
+            raise RuntimeError(f"{self.path} was saved by moto {data.get('moto')}, this is moto {moto.__version__}: "
+                               "remove it or run `make run FRESH=1`")
+        for service, blob in data["backends"].items():
+            accounts = pickle.loads(blob)  # noqa: S301 - as above
+            backend_dict = get_backend(service)
+            for account, regions in accounts.items():
+                by_region = backend_dict[account]
+                for region, backend in regions.items():
+                    dict.__setitem__(by_region, region, backend)
+        return True
+
+    def keep(self, stop: threading.Event) -> None:
+        while not stop.wait(SNAPSHOT_SECONDS):
+            if self.changes != self.saved:
+                try:
+                    self.save()
+                except Exception as exc:
+                    print(f"moto state: not saved: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="moto server for the local stack")
+    parser.add_argument("-H", "--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("MOTO_PORT", 5000)))
+    parser.add_argument("--state-file", help="keep the state here across restarts (none: in memory only)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds queue URLs from it
+
+    patch()
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    from infra.local.run import loggable_path
+
+    class Handler(MotoRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            self.log("info", '"%s %s %s" %s %s', self.command, loggable_path(getattr(self, "path", "") or ""),
+                     self.request_version, code, size)
+
+    app = DomainDispatcherApplication(create_backend_app)
+    app.debug = True
+    snapshots = Snapshots(args.state_file) if args.state_file else None
+    if snapshots is not None:
+        try:
+            loaded = snapshots.load()
+        except Exception as exc:
+            print(f"moto state: cannot load {args.state_file}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        print(f"moto state: {'loaded from' if loaded else 'new, kept in'} {args.state_file}", file=sys.stderr,
+              flush=True)
+        snapshots.patch_long_poll()
+        app = snapshots.wsgi(app)
+
+    server = make_server(args.host, args.port, app, threaded=True, request_handler=Handler)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = threading.Thread(target=server.serve_forever, name="moto-server", daemon=True)
+    serving.start()
+    keeper = None
+    if snapshots is not None:
+        keeper = threading.Thread(target=snapshots.keep, args=(stop,), name="moto-state", daemon=True)
+        keeper.start()
+    print(f" * Running on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    if keeper is not None:
+        keeper.join()
+        if snapshots.changes != snapshots.saved and not snapshots.save(timeout=10):
+            print("moto state: the last changes were not saved (requests did not finish)", file=sys.stderr)
     return 0
 
 

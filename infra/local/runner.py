@@ -72,7 +72,8 @@ def invoke(sqs, url: str, arn: str, message: dict, handler, function_name: str, 
         handler(sqs_event(message, arn, region), LambdaContext(function_name))
     except Exception as exc:
         # As in Lambda: the record stays and returns after its visibility timeout.
-        logger.warning("handler failed", extra={"queue_url": url, "error_type": type(exc).__name__})
+        logger.warning("handler failed", extra={"function_name": function_name, "queue_url": url,
+                                                "error_type": type(exc).__name__})
         return False
     sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     return True
@@ -155,7 +156,8 @@ class Runner:
             try:
                 handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
             except Exception:
-                logger.exception("scheduled handler failed", extra={"schedule": name})
+                logger.exception("scheduled handler failed",
+                                 extra={"function_name": self.function_name(handler_string), "schedule": name})
 
     def start(self) -> list[threading.Thread]:
         queues, schedules = self.sources()

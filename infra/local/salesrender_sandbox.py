@@ -10,7 +10,10 @@ field, a field of the wrong kind, a phone that is not E.164, an email without "@
 SalesRender for the shape of its requests; loosening a check here hides bugs until production.
 
 Control endpoints under `/_sandbox/` (no auth) let tests inspect orders and received calls, inject faults
-(HTTP statuses, GraphQL errors, delays) and move an order to another status as a manager would.
+(HTTP statuses, GraphQL errors, delays, a dropped connection) and move an order to another status as a
+manager would. A fault with `carry_out` first carries the request out and then spoils only the answer
+(answers late, drops the connection, answers a 5xx): the lost answer after which a client must find out
+what happened before it tries again.
 
 Run: `python -m infra.local.salesrender_sandbox --host 127.0.0.1 --port 8101 --token X --company-id 1`.
 """
@@ -25,6 +28,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -274,13 +278,17 @@ def _fault_matches(fault: Mapping[str, Any], operations: list[str]) -> bool:
 
 
 def _validate_fault(count: Any = 1, status: Any = None, graphql_error: Any = None, delay_seconds: Any = None,
-                    operation: Any = None, message: Any = None) -> dict[str, Any]:
+                    operation: Any = None, message: Any = None, drop_connection: Any = None,
+                    carry_out: Any = None) -> dict[str, Any]:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError("count must be a positive integer")
-    if status is None and graphql_error is None and delay_seconds is None:
-        raise ValueError("a fault needs status, graphql_error or delay_seconds")
-    if status is not None and graphql_error is not None:
-        raise ValueError("status and graphql_error are mutually exclusive")
+    for name, flag in (("drop_connection", drop_connection), ("carry_out", carry_out)):
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"{name} must be true or false")
+    if status is None and graphql_error is None and delay_seconds is None and not drop_connection:
+        raise ValueError("a fault needs status, graphql_error, delay_seconds or drop_connection")
+    if sum(x is not None and x is not False for x in (status, graphql_error, drop_connection)) > 1:
+        raise ValueError("status, graphql_error and drop_connection are mutually exclusive")
     if status is not None and (isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599):
         raise ValueError("status must be an HTTP status code")
     if graphql_error is not None and (not isinstance(graphql_error, str) or not graphql_error):
@@ -294,28 +302,31 @@ def _validate_fault(count: Any = 1, status: Any = None, graphql_error: Any = Non
         raise ValueError("message must be a string")
     fault: dict[str, Any] = {"count": count}
     for key, value in (("status", status), ("graphql_error", graphql_error), ("delay_seconds", delay_seconds),
-                       ("operation", operation), ("message", message)):
+                       ("operation", operation), ("message", message), ("drop_connection", drop_connection or None),
+                       ("carry_out", carry_out or None)):
         if value is not None:
             fault[key] = value
     return fault
 
 
 class _Response:
-    __slots__ = ("body", "close", "content_type", "status")
+    __slots__ = ("body", "close", "content_type", "drop", "status")
 
     def __init__(self, status: int, body: Any = None, *, raw: bytes | None = None,
-                 content_type: str = "application/json; charset=utf-8", close: bool = False):
+                 content_type: str = "application/json; charset=utf-8", close: bool = False, drop: bool = False):
         self.status = status
         self.body = raw if raw is not None else json.dumps(body, ensure_ascii=False).encode()
         self.content_type = content_type
         self.close = close
+        self.drop = drop  # close the connection without answering
 
 
 class SalesRenderSandbox(SandboxServer):
     """In-memory SalesRender company served over HTTP. Use `start()`/`stop()` or `with SalesRenderSandbox() as sr`."""
 
     json_response = _Response
-    fault_keys = frozenset({"count", "status", "graphql_error", "delay_seconds", "operation", "message"})
+    fault_keys = frozenset({"count", "status", "graphql_error", "delay_seconds", "operation", "message",
+                            "drop_connection", "carry_out"})
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, company_id: str = "1",
                  projects: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None,
@@ -366,9 +377,15 @@ class SalesRenderSandbox(SandboxServer):
 
     def add_fault(self, count: int = 1, *, status: int | None = None, graphql_error: str | None = None,
                   delay_seconds: float | None = None, operation: str | None = None,
-                  message: str | None = None) -> dict[str, Any]:
-        """Queue a fault for the next `count` authorised GraphQL requests (optionally only `operation` ones)."""
-        fault = _validate_fault(count, status, graphql_error, delay_seconds, operation, message)
+                  message: str | None = None, drop_connection: bool | None = None,
+                  carry_out: bool | None = None) -> dict[str, Any]:
+        """Queue a fault for the next `count` authorised GraphQL requests (optionally only `operation` ones).
+
+        Without `carry_out` the request is not carried out (after `delay_seconds`, if given, it is); with
+        `carry_out` it is carried out first and then the answer is delayed, replaced by `status` or a
+        `graphql_error`, or never sent (`drop_connection`)."""
+        fault = _validate_fault(count, status, graphql_error, delay_seconds, operation, message, drop_connection,
+                                carry_out)
         with self._lock:
             self._faults.append(fault)
         return dict(fault)
@@ -395,6 +412,16 @@ class SalesRenderSandbox(SandboxServer):
             self._requests.clear()
             self._faults.clear()
             self._next_id = 1
+
+    def state(self) -> dict[str, Any]:
+        """The orders (what `make run` keeps across restarts; requests and faults are per run)."""
+        with self._lock:
+            return {"orders": copy.deepcopy(list(self._orders.values())), "next_id": self._next_id}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._orders = {str(o["id"]): copy.deepcopy(o) for o in state["orders"]}
+            self._next_id = int(state["next_id"])
 
     # ---- GraphQL resolvers -----------------------------------------------------------------------------
 
@@ -567,10 +594,11 @@ class SalesRenderSandbox(SandboxServer):
     def handle_graphql(self, headers: Mapping[str, str], query: Mapping[str, list[str]], body: bytes) -> _Response:
         log: dict[str, Any] = {"at": _now(), "operation": [], "operationName": None, "variables": None,
                                "query": None, "authorized": self._authorized(headers, query)}
-        response = self._graphql(headers, body, log)
-        log["status"] = response.status
-        with self._lock:
+        with self._lock:  # logged on arrival, so a request whose answer is still delayed shows already
             self._requests.append(log)
+        response = self._graphql(headers, body, log)
+        with self._lock:  # the entry is visible to requests_log(): change it under the lock
+            log["status"] = "dropped" if response.drop else response.status
         return response
 
     def _graphql(self, headers: Mapping[str, str], body: bytes, log: dict[str, Any]) -> _Response:
@@ -584,7 +612,8 @@ class SalesRenderSandbox(SandboxServer):
         if not isinstance(payload, dict):
             return _Response(400, _error_body("Body must be a JSON object", "BAD_REQUEST"))
         source, variables, operation_name = payload.get("query"), payload.get("variables"), payload.get("operationName")
-        log.update(query=source, variables=copy.deepcopy(variables), operationName=operation_name)
+        with self._lock:
+            log.update(query=source, variables=copy.deepcopy(variables), operationName=operation_name)
         if not isinstance(source, str) or not source.strip():
             return _Response(400, _error_body("Missing query", "BAD_REQUEST"))
         if variables is not None and not isinstance(variables, dict):
@@ -593,32 +622,34 @@ class SalesRenderSandbox(SandboxServer):
             return _Response(400, _error_body("operationName must be a string", "BAD_REQUEST"))
 
         document: DocumentNode | None
+        syntax_error: GraphQLSyntaxError | None = None
         try:
             document = parse(source)
         except GraphQLSyntaxError as exc:
             document, syntax_error = None, exc
         if document is not None:
-            log["operation"] = operation_names(document, operation_name)
+            with self._lock:
+                log["operation"] = operation_names(document, operation_name)
         if not log["authorized"] and (document is None or not is_introspection_only(document, operation_name)):
             return _Response(401, UNAUTHORIZED_BODY)
 
-        if log["authorized"]:
-            fault = self._take_fault(log["operation"])
-            if fault is not None:
+        fault = self._take_fault(log["operation"]) if log["authorized"] else None
+        if fault is not None:
+            with self._lock:
                 log["fault"] = fault
-                if fault.get("delay_seconds"):
-                    time.sleep(fault["delay_seconds"])
-                if "status" in fault:
-                    try:
-                        phrase = HTTPStatus(fault["status"]).phrase
-                    except ValueError:
-                        phrase = "Error"
-                    return _Response(fault["status"], raw=f"{fault['status']} {phrase}\n".encode(),
-                                     content_type="text/plain; charset=utf-8")
-                if "graphql_error" in fault:
-                    message = fault.get("message") or f"Sandbox fault: {fault['graphql_error']}"
-                    return _Response(200, {"data": None, **_error_body(message, fault["graphql_error"])})
+            if not fault.get("carry_out"):
+                spoiled = _fault_response(fault)
+                if spoiled is not None:
+                    return spoiled
+        response = self._execute(document, syntax_error, variables, operation_name)
+        if fault is not None and fault.get("carry_out"):
+            with self._lock:
+                log["carried_out_status"] = response.status
+            return _fault_response(fault) or response
+        return response
 
+    def _execute(self, document: DocumentNode | None, syntax_error: GraphQLSyntaxError | None,
+                 variables: dict | None, operation_name: str | None) -> _Response:
         if document is None:
             return _Response(400, {"errors": [_formatted(syntax_error, "GRAPHQL_PARSE_FAILED")]})
         errors = validate(SCHEMA, document)
@@ -652,6 +683,25 @@ class SalesRenderSandbox(SandboxServer):
         return None
 
 
+def _fault_response(fault: Mapping[str, Any]) -> _Response | None:
+    """What a fault answers instead of the real answer (after its delay); None: the real answer, late."""
+    if fault.get("delay_seconds"):
+        time.sleep(fault["delay_seconds"])
+    if fault.get("drop_connection"):
+        return _Response(0, raw=b"", drop=True)
+    if "status" in fault:
+        try:
+            phrase = HTTPStatus(fault["status"]).phrase
+        except ValueError:
+            phrase = "Error"
+        return _Response(fault["status"], raw=f"{fault['status']} {phrase}\n".encode(),
+                         content_type="text/plain; charset=utf-8")
+    if "graphql_error" in fault:
+        message = fault.get("message") or f"Sandbox fault: {fault['graphql_error']}"
+        return _Response(200, {"data": None, **_error_body(message, fault["graphql_error"])})
+    return None
+
+
 def _formatted(error: GraphQLError, code: str) -> dict[str, Any]:
     formatted = dict(error.formatted)
     formatted["extensions"] = {"code": code, **(formatted.get("extensions") or {})}
@@ -681,6 +731,21 @@ class _Handler(SandboxHandler):
         sys.stderr.write(f"salesrender sandbox: internal error {type(exc).__name__}: {exc}\n")
         return _Response(500, _error_body("Internal sandbox error", "INTERNAL_SERVER_ERROR"))
 
+    def _send(self, response: _Response, *, close: bool = False) -> None:  # type: ignore[override]
+        if getattr(response, "drop", False):  # the lost answer: close without a byte, as a dying proxy does
+            self.close_connection = True
+            if self.sandbox.verbose:
+                sys.stderr.write(f"{self.log_name}: {self.command} {getattr(self, '_log_path', '?')} dropped\n")
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        try:
+            super()._send(response, close=close)
+        except ConnectionError:  # the client gave up before a late answer (a delay fault): nothing to tell
+            self.close_connection = True
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Strict SalesRender CRM sandbox (GraphQL over HTTP).")
@@ -689,11 +754,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=os.environ.get("SALESRENDER_API_TOKEN") or DEFAULT_TOKEN)
     parser.add_argument("--company-id", default="1")
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
+    parser.add_argument("--state-file", help="keep the orders in this JSON file across restarts")
     args = parser.parse_args(argv)
 
     sandbox = SalesRenderSandbox(host=args.host, port=args.port, token=args.token, company_id=args.company_id,
                                  verbose=not args.quiet)
-    return serve_until_signalled(sandbox, "salesrender sandbox")
+    return serve_until_signalled(sandbox, "salesrender sandbox", args.state_file)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ drift apart; each sandbox brings only its routes, its error bodies and any work 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -233,6 +235,14 @@ class SandboxServer:
     def reset(self) -> None:
         raise NotImplementedError
 
+    def state(self) -> dict[str, Any]:
+        """What survives a restart of the sandbox (`--state-file`), as JSON-able data."""
+        raise NotImplementedError
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Take over a `state()` saved by an earlier run (before `start()`)."""
+        raise NotImplementedError
+
     def handle_control(self, method: str, path: str, body: bytes) -> SandboxResponse:
         """Answer `/_sandbox/...`: health, faults, reset and `_control_views` here, the rest via `_control_route`.
 
@@ -278,24 +288,80 @@ class SandboxServer:
             raise SandboxError(400, str(exc)) from None
 
 
-def serve_until_signalled(sandbox: SandboxServer, name: str) -> int:
+class StateFile:
+    """A sandbox's `state()` kept in a JSON file: loaded at start, written soon after it changes and at stop,
+    so the local stack's orders and calls survive a restart (the write replaces the file whole)."""
+
+    interval = 0.25  # seconds between looks for a change
+
+    def __init__(self, sandbox: SandboxServer, path: str | os.PathLike):
+        self.sandbox = sandbox
+        self.path = Path(path)
+        self._last: str | None = None
+
+    def load(self) -> bool:
+        if not self.path.exists():
+            return False
+        text = self.path.read_text(encoding="utf-8")
+        self.sandbox.load_state(json.loads(text))
+        self._last = text
+        return True
+
+    def save(self) -> bool:
+        text = json.dumps(self.sandbox.state(), ensure_ascii=False, sort_keys=True)
+        if text == self._last:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._last = text
+        return True
+
+    def keep(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            try:
+                self.save()
+            except Exception as exc:  # keep serving; the next look tries again
+                sys.stderr.write(f"state not saved to {self.path.name}: {type(exc).__name__}\n")
+
+
+def serve_until_signalled(sandbox: SandboxServer, name: str, state_file: str | os.PathLike | None = None) -> int:
     """The `python -m` loop: start, print "<name>: <api_url>", serve until SIGINT/SIGTERM, stop.
 
-    Returns the exit status: 0 after a signal, 1 when the port cannot be bound (reported on stderr).
+    With `state_file`, the state saved there is loaded first and kept up to date (see StateFile).
+    Returns the exit status: 0 after a signal, 1 when the port cannot be bound, 2 when the saved state
+    cannot be read (reported on stderr).
     """
     stop = threading.Event()
     # Only set a flag in the handler; the main loop shuts the server down outside signal context.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    store = StateFile(sandbox, state_file) if state_file else None
+    if store is not None:
+        try:
+            store.load()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{name}: cannot load the state in {state_file} ({type(exc).__name__}: {exc}): remove it or "
+                  "run `make run FRESH=1`", file=sys.stderr)
+            return 2
     try:
         sandbox.start()
     except OSError as exc:
         print(f"{name}: cannot listen on {sandbox.host}:{sandbox.port}: {exc}", file=sys.stderr)
         return 1
     print(f"{name}: {sandbox.api_url}", flush=True)
+    keeper = None
+    if store is not None:
+        keeper = threading.Thread(target=store.keep, args=(stop,), name=f"{name} state", daemon=True)
+        keeper.start()
     try:
         while not stop.wait(0.2):
             pass
     finally:
+        stop.set()
         sandbox.stop()
+        if keeper is not None:
+            keeper.join()
+            store.save()
     return 0

@@ -5,6 +5,10 @@ raised as BeelineError with that code. Reads are retried on 5xx and connection e
 a call is never retried blindly: only when the request surely did not reach Beeline (connection
 refused, 429/503). A timeout after sending raises `OriginateUncertain`: the call may be ringing, so
 the caller must settle it from events or statistics, never by dialling again.
+
+A 401/403 (a rejected or missing token) emits `ProviderAuthFailed` at once. `default_client()` is
+rebuilt whenever the token's value changes, so a rotated token is used as soon as the secret's
+cache (5 minutes for SSM) hands it out.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import requests
 import urllib3
 
 from functions.core import http, secrets
+from functions.core.observability import logger, metric
 
 DEFAULT_URL = "https://cloudpbx.beeline.ru/apis/portal/"
 TIMEOUT = (3.05, 10)
@@ -144,6 +149,9 @@ def _never_sent(exc: requests.ConnectionError) -> bool:
 
 def _error(response: requests.Response) -> BeelineError:
     status = response.status_code
+    if status in (401, 403):  # a person must fix the token: alarm now, not after hours of failures
+        logger.error("Beeline rejected the API token", extra={"status": status})
+        metric("ProviderAuthFailed", provider="beeline")
     try:
         body = response.json()
     except ValueError:
@@ -159,6 +167,15 @@ def api_url() -> str:
     return os.environ.get("BEELINE_API_URL") or DEFAULT_URL
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
+def _client(url: str, token: str) -> BeelineClient:
+    return BeelineClient(url, token)
+
+
 def default_client() -> BeelineClient:
-    return BeelineClient(api_url(), secrets.get("BEELINE_API_TOKEN"))
+    """The shared client for the current URL and token: a new token (rotated in SSM, seen once the
+    secret's 5-minute cache expires) builds a new client instead of living on with the old one."""
+    return _client(api_url(), secrets.get("BEELINE_API_TOKEN"))
+
+
+default_client.cache_clear = _client.cache_clear  # type: ignore[attr-defined]  # tests reset it

@@ -12,10 +12,18 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 MAX_BYTES = 256 * 1024  # a real event is a few KB
+# Identifiers become DynamoDB keys (a sort key holds at most 1024 bytes, a partition key 2048): real ones
+# are under 100 bytes (`48123999:1`, a UUID, `SIP0343PU049QK@ip.beeline.ru`).
+MAX_ID_BYTES = 256
+MAX_NUMBER_DIGITS = 18  # epoch milliseconds and sequence numbers; int64 holds 18 digits safely
 
 
 class BadEvent(ValueError):
-    pass
+    """The document cannot be used as an event; `field` names the element at fault."""
+
+    def __init__(self, message: str, field: str = "body"):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,20 @@ def _text(node, *path: str) -> str:
     return (node.text or "").strip() if node is not None else ""
 
 
-def _int(value: str) -> int | None:
-    return int(value) if value.isdigit() else None
+def _int(value: str, name: str) -> int | None:
+    """An absent element is None; anything but ASCII digits (`²` passes isdigit) or an absurd length is
+    a bad event, not a guess: a wrong answer or release time would bill and settle the call wrongly."""
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_NUMBER_DIGITS):
+        raise BadEvent(f"{name} is not a number of at most {MAX_NUMBER_DIGITS} digits", field=name)
+    return int(value)
+
+
+def _id(value: str, name: str) -> str:
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise BadEvent(f"{name} is longer than {MAX_ID_BYTES} bytes", field=name)
+    return value
 
 
 def _type_of(node) -> str:
@@ -89,9 +109,9 @@ def parse(body: bytes) -> XsiEvent:
         raise BadEvent("not well-formed XML") from None
     if _local(root.tag) != "Event":
         raise BadEvent("not an XSI Event document")
-    event_id = _text(root, "eventID")
+    event_id = _id(_text(root, "eventID"), "eventID")
     if not event_id:
-        raise BadEvent("eventID is missing")
+        raise BadEvent("eventID is missing")  # not an event at all: the body is at fault
     data = _child(root, "eventData")
     event_type = _type_of(data) if data is not None else ""
     call_node = _child(data, "call")
@@ -103,15 +123,15 @@ def parse(body: bytes) -> XsiEvent:
             if _local(r.tag) == "redirection"
         )
         call = CallData(
-            call_id=_text(call_node, "callId"),
-            ext_tracking_id=_text(call_node, "extTrackingId"),
+            call_id=_id(_text(call_node, "callId"), "callId"),
+            ext_tracking_id=_id(_text(call_node, "extTrackingId"), "extTrackingId"),
             personality=_text(call_node, "personality"),
             state=_text(call_node, "state"),
             remote_address=_text(call_node, "remoteParty", "address"),
             remote_call_type=_text(call_node, "remoteParty", "callType"),
-            start_ms=_int(_text(call_node, "startTime")),
-            answer_ms=_int(_text(call_node, "answerTime")),
-            release_ms=_int(_text(call_node, "releaseTime")),
+            start_ms=_int(_text(call_node, "startTime"), "startTime"),
+            answer_ms=_int(_text(call_node, "answerTime"), "answerTime"),
+            release_ms=_int(_text(call_node, "releaseTime"), "releaseTime"),
             releasing_party=_text(call_node, "releasingParty"),
             release_cause=_text(call_node, "releaseCause", "internalReleaseCause"),
             cdr_cause=_text(call_node, "releaseCause", "cdrTerminationCause"),
@@ -121,9 +141,9 @@ def parse(body: bytes) -> XsiEvent:
     return XsiEvent(
         event_id=event_id,
         event_type=event_type,
-        subscription_id=_text(root, "subscriptionId"),
-        target_id=_text(root, "targetId"),
-        sequence=_int(_text(root, "sequenceNumber")),
+        subscription_id=_id(_text(root, "subscriptionId"), "subscriptionId"),
+        target_id=_id(_text(root, "targetId"), "targetId"),
+        sequence=_int(_text(root, "sequenceNumber"), "sequenceNumber"),
         call=call,
         raw_size=len(body),
     )

@@ -163,3 +163,19 @@ def test_a_beeline_event_with_a_bad_field_is_400_naming_it_and_is_kept(beeline, 
     # Only that field was at fault: the same event with plausible values (at the limits) is stored.
     assert beeline(event(sequence="123456789012345678", ext="Ж" * 128, event_id="e" * 256)).status_code == 200
     assert len(stored_events()) == 1
+
+
+def test_an_id_longer_than_any_dynamodb_key_is_not_found_without_asking(client, monkeypatch):
+    # moto accepts an oversize key on reads; real DynamoDB answers ValidationException (a 500 here).
+    from functions.core import resources
+
+    table = resources.table()
+    real_get = table.get_item
+
+    def strict_get(**kwargs):
+        assert len(kwargs["Key"]["pk"].encode()) <= 2048, "GetItem with a key DynamoDB would reject"
+        return real_get(**kwargs)
+
+    monkeypatch.setattr(table, "get_item", strict_get)
+    answer = client.http.get("/v1/calls/" + "x" * 3000, headers={"Authorization": "Bearer test-api-token"})
+    assert answer.status_code == 404

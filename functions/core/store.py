@@ -45,7 +45,14 @@ def put_new(key: dict, attributes: dict) -> bool:
     return True
 
 
+# DynamoDB's key limits: a longer key cannot exist, and a GetItem with one is a ValidationException (moto
+# does not check), so an id from outside that long is simply not found.
+MAX_PK_BYTES, MAX_SK_BYTES = 2048, 1024
+
+
 def get(key: dict) -> dict | None:
+    if len(str(key["pk"]).encode()) > MAX_PK_BYTES or len(str(key.get("sk", "")).encode()) > MAX_SK_BYTES:
+        return None
     item = resources.table().get_item(Key=key, ConsistentRead=True).get("Item")
     if item is None:
         return None

@@ -31,7 +31,7 @@ SUBSCRIPTION_TYPE = "BASIC_CALL"
 REQUESTED_EXPIRES = 86400
 MIN_MARGIN_SECONDS = 15 * 60  # renew with at least this much left: three keeper ticks of slack
 MARGIN_SHARE = 0.25           # ... or a quarter of the granted lifetime, when that is longer
-LOCK_SECONDS = 60             # longer than a keeper run can take (Lambda timeout 15 s)
+LOCK_SECONDS = 200            # longer than a keeper run can take (its Lambda timeout is 180 s)
 
 _PK = "SUBSCRIPTION#beeline"
 CURRENT = {"pk": _PK, "sk": "CURRENT"}

@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,7 +43,10 @@ def percentile(samples: list[float], p: float) -> float:
 
 
 def start_stack(env: dict) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "infra.local.run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+    # A throwaway state directory: the measurement must not depend on what earlier runs left in build/local.
+    env = {**env, "CALLBRIDGE_LOCAL_DIR": tempfile.mkdtemp(prefix="callbridge-bench-")}
+    proc = subprocess.Popen([sys.executable, "-m", "infra.local.run", "--fresh"], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     ready = threading.Event()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from functions.core import secrets
 
 # (connect, read) seconds. Every outbound call passes a timeout; these are the defaults.
 DEFAULT_TIMEOUT = (3.05, 20)
@@ -48,3 +53,16 @@ def idempotent_retry(total: int = 3) -> Retry:
         respect_retry_after_header=False,  # a long Retry-After would outlive the Lambda: the queue waits instead
         raise_on_status=False,
     )
+
+
+def client_per_credentials(factory: Callable, url: Callable[[], str], token_name: str) -> Callable:
+    """A provider's `default_client()`: one shared client, built again only when the URL or the token
+    changes, so a token rotated in SSM (seen once the secret's 5-minute cache expires) is used at once
+    instead of the old one living on. `default_client.cache_clear()` resets it (tests)."""
+    build = functools.lru_cache(maxsize=1)(factory)
+
+    def default_client():
+        return build(url(), secrets.get(token_name))
+
+    default_client.cache_clear = build.cache_clear
+    return default_client

@@ -13,13 +13,12 @@ cache (5 minutes for SSM) hands it out.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import requests
 import urllib3
 
-from functions.core import http, secrets
+from functions.core import http
 from functions.core.observability import logger, metric
 
 DEFAULT_URL = "https://cloudpbx.beeline.ru/apis/portal/"
@@ -167,15 +166,4 @@ def api_url() -> str:
     return os.environ.get("BEELINE_API_URL") or DEFAULT_URL
 
 
-@functools.lru_cache(maxsize=1)
-def _client(url: str, token: str) -> BeelineClient:
-    return BeelineClient(url, token)
-
-
-def default_client() -> BeelineClient:
-    """The shared client for the current URL and token: a new token (rotated in SSM, seen once the
-    secret's 5-minute cache expires) builds a new client instead of living on with the old one."""
-    return _client(api_url(), secrets.get("BEELINE_API_TOKEN"))
-
-
-default_client.cache_clear = _client.cache_clear  # type: ignore[attr-defined]  # tests reset it
+default_client = http.client_per_credentials(BeelineClient, api_url, "BEELINE_API_TOKEN")

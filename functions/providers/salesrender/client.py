@@ -17,13 +17,12 @@ looks for the order (`find_order`) before it adds it again.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Iterator
 
 import requests
 
-from functions.core import http, secrets
+from functions.core import http
 from functions.core.observability import logger, metric
 
 DEFAULT_URL = "https://de.backend.salesrender.com/companies/{company_id}/CRM"
@@ -197,15 +196,4 @@ def api_url() -> str:
     return DEFAULT_URL.format(company_id=os.environ.get("SALESRENDER_COMPANY_ID", "0"))
 
 
-@functools.lru_cache(maxsize=1)
-def _client(url: str, token: str) -> SalesRenderClient:
-    return SalesRenderClient(url, token)
-
-
-def default_client() -> SalesRenderClient:
-    """The shared client for the current URL and token: a new token (rotated in SSM, seen once the
-    secret's 5-minute cache expires) builds a new client instead of living on with the old one."""
-    return _client(api_url(), secrets.get("SALESRENDER_API_TOKEN"))
-
-
-default_client.cache_clear = _client.cache_clear  # type: ignore[attr-defined]  # tests reset it
+default_client = http.client_per_credentials(SalesRenderClient, api_url, "SALESRENDER_API_TOKEN")

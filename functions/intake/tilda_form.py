@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from functions.core import safe_json
 from functions.core.config import TildaFields
+from functions.core.text import clip
 
 MAX_FIELDS = 500  # a real form has a few dozen; more is abuse, not a lead
 MAX_DEPTH = 6  # payment[products][0][options][0][variant] is the deepest Tilda goes
@@ -33,14 +34,6 @@ class BadPost(ValueError):
         super().__init__(message)
         self.field = field_name
         self.status = status
-
-
-def clip(text: str, max_bytes: int) -> str:
-    """The longest prefix of `text` whose UTF-8 form fits in `max_bytes` (never half a character)."""
-    encoded = text.encode("utf-8")
-    if len(encoded) <= max_bytes:
-        return text
-    return encoded[:max_bytes].decode("utf-8", "ignore")
 
 
 def parse_body(raw: bytes, content_type: str | None) -> dict:

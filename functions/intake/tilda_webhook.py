@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 
-from functions.core import config, queues, secrets, times
+from functions.core import config, queues, secrets, text, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise
 from functions.core.replies import Reply, error
@@ -70,7 +70,7 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
     formid = data.get("formid") if isinstance(data.get("formid"), str) else None
     offer = cfg.offer_for_form(formid)
     if offer is None:
-        shown = tilda_form.clip(formid, 100) if formid else ""
+        shown = text.clip(formid, 100) if formid else ""
         return _reject(data, "formid", f"form {shown!r} feeds no offer" if formid else "formid is missing")
     post = tilda_form.extract(data, offer.tilda_fields)
     phone_field = post.phone_field or offer.tilda_fields.phone[0]
@@ -89,7 +89,7 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
     raw = json.dumps(data, ensure_ascii=False)
     truncated = list(post.truncated)
     if len(raw.encode()) > RAW_BYTES:
-        raw = tilda_form.clip(raw, RAW_BYTES)
+        raw = text.clip(raw, RAW_BYTES)
         truncated.append("raw")
     lead = {
         "lead_id": lead_id,

@@ -13,6 +13,7 @@ import time
 import uuid
 
 from functions.core import resources, store, times
+from functions.core.text import clip
 from functions.records import retention
 
 LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
@@ -62,9 +63,6 @@ def store_rejected(source: str, reason: str, field_name: str, raw: dict | str | 
     (dict) as JSON, an unreadable one as it came. A post too large for a DynamoDB item (400 KB) is kept
     whole in the recordings bucket under `raw/` (same 30-day lifecycle); the item holds its start."""
     inline_bytes = 100_000  # with the other attributes, far below the item limit whatever the script
-
-    def clip(text: str, max_bytes: int) -> str:
-        return text.encode()[:max_bytes].decode("utf-8", "ignore")  # never half a character
 
     rejected_id = str(uuid.uuid4())
     now = times.now_iso()

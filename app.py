@@ -120,3 +120,21 @@ def call_reconciler(event):
     from functions.tracking import reconciler
 
     reconciler.reconcile()
+
+
+@app.on_sqs_message(queue=resources.queue_name("postbacks"), batch_size=1)
+def postback_worker(event):
+    from functions.core import queues
+    from functions.crm import postbacks
+
+    for record in event:
+        queues.run("postbacks", record, postbacks.process)
+
+
+@app.on_sqs_message(queue=resources.queue_name("cdrs"), batch_size=1)
+def cdr_worker(event):
+    from functions.core import queues
+    from functions.crm import cdr
+
+    for record in event:
+        queues.run("cdrs", record, cdr.process)

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from functions.core.resources import QUEUES
 from infra.local.stack import OUTPUT_ENV  # the stack outputs resources.py reads, shared with the local stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,7 +342,7 @@ def policy_document(stage: str, outputs: dict[str, str], account: str, region: s
 def offline_outputs(stage: str) -> dict[str, str]:
     """The outputs a stack of this stage will have, before it exists (the bucket carries the account id)."""
     names = {f"{kind}{suffix}Name": f"callbridge-{stage}-{kind.lower()}{'-dlq' if suffix == 'Dlq' else ''}"
-             for kind in ("Intake", "Callbacks", "Recordings") for suffix in ("Queue", "Dlq")}
+             for kind in (q.capitalize() for q in QUEUES) for suffix in ("Queue", "Dlq")}
     return {**names, "StateTableName": f"callbridge-{stage}-state",
             "RecordingsBucketName": f"callbridge-{stage}-recordings-*",
             "AlertsTopicArn": f"arn:aws:sns:*:*:callbridge-{stage}-alerts"}
@@ -415,7 +416,7 @@ def check_package(sam: dict, stage: str, variables: dict[str, str], queues: set[
 
 
 def check_stage_package(sam: dict, stage: str, stage_env: dict[str, str], policy: dict, document) -> None:
-    queues = {stage_env[v] for v in ("INTAKE_QUEUE", "CALLBACKS_QUEUE", "RECORDINGS_QUEUE")}
+    queues = {stage_env[f"{q.upper()}_QUEUE"] for q in QUEUES}
     problems = check_package(sam, stage, stage_env, queues, policy, expected_concurrency(document),
                              stage_env["CALLBACKS_QUEUE"])
     if problems:
@@ -667,7 +668,7 @@ def package_command(stage: str, out_dir: Path, project_dir: Path = ROOT, environ
     known = {k: v for k, v in stage_env.items() if "*" not in v and (k in configured or k.endswith("_QUEUE"))}
     sam = package(project_dir, stage, chalice_environment(environ, known), out_dir)
     variables = {k: v for k, v in known.items() if k in configured}
-    queues = {stage_env[v] for v in ("INTAKE_QUEUE", "CALLBACKS_QUEUE", "RECORDINGS_QUEUE")}
+    queues = {stage_env[f"{q.upper()}_QUEUE"] for q in QUEUES}
     problems = check_package(sam, stage, variables, queues, policy, expected_concurrency(document),
                              stage_env["CALLBACKS_QUEUE"])
     if problems:

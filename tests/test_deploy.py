@@ -19,6 +19,8 @@ import boto3
 import pytest
 import yaml
 
+from functions.core.resources import QUEUES
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -149,7 +151,7 @@ def test_rehearsal_creates_the_stack_from_the_template(rehearsal, moto_url):
     assert "stack callbridge-prod: creating" in out
     queues = client(moto_url, "sqs").list_queues(QueueNamePrefix="callbridge-prod-")["QueueUrls"]
     assert sorted(q.rsplit("/", 1)[-1] for q in queues) == sorted(
-        f"callbridge-prod-{k}{s}" for k in ("intake", "callbacks", "recordings") for s in ("", "-dlq"))
+        f"callbridge-prod-{k}{s}" for k in QUEUES for s in ("", "-dlq"))
     assert client(moto_url, "dynamodb").describe_table(TableName="callbridge-prod-state")["Table"]
 
 
@@ -216,7 +218,7 @@ def test_rehearsal_chalice_deploy_created_the_functions_of_this_stage(rehearsal,
     for name, _, variables, _ in first["functions"]:
         assert json.loads(variables)["CALLBRIDGE_STAGE"] == "prod", name
     sources = sorted(arn.rsplit(":", 1)[-1] for arn, _, _ in first["mappings"])
-    assert sources == ["callbridge-prod-callbacks", "callbridge-prod-intake", "callbridge-prod-recordings"]
+    assert sources == sorted(f"callbridge-prod-{k}" for k in QUEUES)
     assert {size for _, size, _ in first["mappings"]} == {1}
 
 
@@ -316,7 +318,8 @@ def test_visibility_timeouts_are_at_least_six_function_timeouts():
                 for name, spec in config["lambda_functions"].items()}
     resources = yaml.safe_load(deploy.TEMPLATE.read_text(encoding="utf-8"))["Resources"]
     for worker, queue in (("intake_worker", "IntakeQueue"), ("callback_worker", "CallbacksQueue"),
-                          ("recording_worker", "RecordingsQueue")):
+                          ("recording_worker", "RecordingsQueue"), ("postback_worker", "PostbacksQueue"),
+                          ("cdr_worker", "CdrsQueue")):
         assert resources[queue]["Properties"]["VisibilityTimeout"] >= 6 * timeouts[worker], worker
 
 
@@ -384,8 +387,7 @@ def test_replay_dlq_reaches_the_local_stack_without_hand_set_credentials(moto_ur
 
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "CALLBRIDGE_STAGE",
-                "INTAKE_QUEUE", "INTAKE_DLQ", "CALLBACKS_QUEUE", "CALLBACKS_DLQ", "RECORDINGS_QUEUE",
-                "RECORDINGS_DLQ"):
+                *(f"{k.upper()}_{s}" for k in QUEUES for s in ("QUEUE", "DLQ"))):
         # setenv first, so that monkeypatch restores what replay_dlq itself sets (it points at the stage).
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)

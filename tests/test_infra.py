@@ -24,16 +24,11 @@ if str(ROOT) not in sys.path:
 stack = importlib.import_module("infra.local.stack")  # after the path fix, without relying on conftest
 
 TEMPLATE = ROOT / "infra" / "template.yaml"
-KINDS = ("intake", "callbacks", "recordings")
-MAX_RECEIVE = {"intake": 25, "callbacks": 25, "recordings": 25}
+KINDS = importlib.import_module("functions.core.resources").QUEUES
+MAX_RECEIVE = dict.fromkeys(KINDS, 25)
 ENV_KEYS = {
     "CALLBRIDGE_STAGE",
-    "INTAKE_QUEUE",
-    "INTAKE_DLQ",
-    "CALLBACKS_QUEUE",
-    "CALLBACKS_DLQ",
-    "RECORDINGS_QUEUE",
-    "RECORDINGS_DLQ",
+    *(f"{kind.upper()}_{suffix}" for kind in KINDS for suffix in ("QUEUE", "DLQ")),
     "STATE_TABLE",
     "RECORDINGS_BUCKET",
     "ALERTS_TOPIC_ARN",
@@ -96,9 +91,10 @@ def test_template_is_plain_yaml_with_the_agreed_outputs():
 
 def test_template_alarms_on_every_dlq():
     resources = stack.load_template()["Resources"]
-    alarms = {name: r["Properties"] for name, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    alarms = {name: r["Properties"] for name, r in resources.items()
+              if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"].get("Namespace") == "AWS/SQS"}
     watched = sorted(a["Dimensions"][0]["Value"]["Fn::GetAtt"][0] for a in alarms.values())
-    assert watched == ["CallbacksDlq", "IntakeDlq", "RecordingsDlq"]
+    assert watched == sorted(f"{kind.capitalize()}Dlq" for kind in KINDS)
     for alarm in alarms.values():
         assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
         assert (alarm["Period"], alarm["EvaluationPeriods"], alarm["Threshold"]) == (300, 1, 0)
@@ -124,7 +120,7 @@ def test_template_lifecycle_rules_in_s3_api_shape():
 
 def test_deploy_creates_queues_with_redrive(aws):
     env = stack.deploy(stage="local")
-    assert len(boto3.client("sqs").list_queues()["QueueUrls"]) == 6
+    assert len(boto3.client("sqs").list_queues()["QueueUrls"]) == 2 * len(KINDS)
     for kind in KINDS:
         queue = queue_attributes(env[f"{kind.upper()}_QUEUE"])
         dlq = queue_attributes(env[f"{kind.upper()}_DLQ"])
@@ -213,7 +209,7 @@ def test_deploy_twice_is_idempotent(aws):
     cfn = boto3.client("cloudformation")
     (only,) = cfn.describe_stacks()["Stacks"]
     assert (only["StackName"], only["StackStatus"]) == ("callbridge-local", "CREATE_COMPLETE")  # no update
-    assert len(sqs.list_queues()["QueueUrls"]) == 6
+    assert len(sqs.list_queues()["QueueUrls"]) == 2 * len(KINDS)
     assert len(boto3.client("s3").list_buckets()["Buckets"]) == 1
     subscriptions = boto3.client("sns").list_subscriptions()["Subscriptions"]
     assert [(s["Protocol"], s["Endpoint"]) for s in subscriptions] == [("email", "ops@example.com")]

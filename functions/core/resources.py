@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 
-QUEUES = ("intake", "callbacks", "recordings")
+QUEUES = ("intake", "callbacks", "recordings", "postbacks", "cdrs")
 
 
 def stage() -> str:

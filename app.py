@@ -13,6 +13,35 @@ from functions.core.observability import invocation_context
 app = Chalice(app_name="callbridge")
 app.register_middleware(ConvertToMiddleware(invocation_context))
 
+
+# --- ops (issue 12 item 8): an invalid configuration answers 503 naming the key, and alarms; never a bare 500 ---
+# Chalice turns a view's exception into a 500 before any middleware sees it, so the views themselves are
+# wrapped, at the first request (when every route of this file is registered). Workers: functions/core/queues.py.
+def _config_guarded(view):
+    def guarded(*args, **kwargs):
+        try:
+            return view(*args, **kwargs)
+        except Exception as exc:
+            from functions.core import observability
+
+            if not observability.is_config_error(exc):
+                raise
+            observability.report_config_error(exc, "api")
+            return Response(status_code=503, headers={"Retry-After": "300"},
+                            body={"error": f"callbridge is misconfigured, try again later: {exc}", "field": "config"})
+
+    guarded.config_guarded = True
+    return guarded
+
+
+@app.middleware("http")
+def config_errors_answer_503(event, get_response):
+    for entry in (e for methods in app.routes.values() for e in methods.values()):
+        if not getattr(entry.view_function, "config_guarded", False):
+            entry.view_function = _config_guarded(entry.view_function)
+    return get_response(event)
+
+
 FORM_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/form-data"]
 
 
@@ -80,6 +109,104 @@ def recording_link(call_id):
     return _reply(recording_links.redirect(call_id, dict(request.query_params or {}), _headers(request)))
 
 
+# --- reports (insight/reports.py): ad spend, the summary against the seed's targets, the last calls ---
+@app.route("/v1/adspend", methods=["PUT"], content_types=["application/json"])
+def put_adspend():
+    from functions.insight import reports
+
+    request = app.current_request
+    return _reply(reports.put_adspend(request.raw_body, _headers(request)))
+
+
+@app.route("/v1/reports/summary", methods=["GET"])
+def report_summary():
+    from functions.insight import reports
+
+    request = app.current_request
+    return _reply(reports.summary_reply(dict(request.query_params or {}), _headers(request)))
+
+
+@app.route("/v1/reports/calls", methods=["GET"])
+def report_calls():
+    from functions.insight import reports
+
+    request = app.current_request
+    return _reply(reports.calls_reply(dict(request.query_params or {}), _headers(request)))
+
+
+# --- crm-webhooks (crm/order_webhook.py, crm/postbacks.py): SalesRender's order triggers, postbacks ---
+@app.route("/webhooks/salesrender/{secret}", methods=["POST"], content_types=["application/json", "text/plain"])
+def salesrender_webhook(secret):
+    from functions.crm import order_webhook
+
+    request = app.current_request
+    return _reply(order_webhook.receive(secret, request.raw_body, _headers(request)))
+
+
+@app.route("/v1/postbacks", methods=["GET"])
+def list_postbacks():
+    from functions.crm import postbacks
+
+    request = app.current_request
+    return _reply(postbacks.listing(dict(request.query_params or {}), _headers(request)))
+
+
+# --- dashboard (insight/dashboard.py): the page, its data, its script and style sheet ---
+
+@app.route("/dashboard", methods=["GET"])
+def dashboard_page():
+    from functions.insight import dashboard
+
+    request = app.current_request
+    path = (request.context or {}).get("path") or "/dashboard"
+    return _reply(dashboard.page(dict(request.query_params or {}), _headers(request), path))
+
+
+@app.route("/dashboard/data", methods=["GET"])
+def dashboard_data():
+    from functions.insight import dashboard
+
+    request = app.current_request
+    return _reply(dashboard.data(dict(request.query_params or {}), _headers(request)))
+
+
+@app.route("/dashboard/assets/{name}", methods=["GET"])
+def dashboard_asset(name):
+    from functions.insight import dashboard
+
+    return _reply(dashboard.asset(name))
+
+
+# --- crm-plugin (crm/plugin.py): the SalesRender PBX plugin of class WEBHOOK, the "Call" button ---
+
+PLUGIN_TYPES = ["application/x-www-form-urlencoded", "application/json"]
+
+
+@app.route("/salesrender-plugin/info", methods=["GET"])
+def salesrender_plugin_info():
+    from functions.crm import plugin
+
+    return _reply(plugin.info())
+
+
+@app.route("/salesrender-plugin/registration", methods=["PUT"], content_types=PLUGIN_TYPES)
+def salesrender_plugin_registration():
+    from functions.crm import plugin
+
+    request = app.current_request
+    return _reply(plugin.register(request.raw_body, request.headers.get("content-type"),
+                                  dict(request.query_params or {})))
+
+
+@app.route("/salesrender-plugin/special/call", methods=["POST"], content_types=PLUGIN_TYPES)
+def salesrender_plugin_call():
+    from functions.crm import plugin
+
+    request = app.current_request
+    return _reply(plugin.special_call(request.raw_body, request.headers.get("content-type"),
+                                      dict(request.query_params or {})))
+
+
 @app.on_sqs_message(queue=resources.queue_name("intake"), batch_size=1)
 def intake_worker(event):
     from functions.core import queues
@@ -120,6 +247,14 @@ def call_reconciler(event):
     from functions.tracking import reconciler
 
     reconciler.reconcile()
+
+
+# --- dispatch (calling/dispatch.py): the safety net of the waiting list; releases dispatch at once ---
+@app.schedule(Rate(1, unit=Rate.MINUTES))
+def dispatch_sweeper(event):
+    from functions.calling import dispatch
+
+    dispatch.sweep()
 
 
 @app.on_sqs_message(queue=resources.queue_name("postbacks"), batch_size=1)

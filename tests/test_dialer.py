@@ -14,7 +14,7 @@ from conftest import TILDA_KEY, deliver, receive
 
 from functions.calling import dialer, dnc, retry_policy
 from functions.core import resources
-from functions.records import calls, leads, spend
+from functions.records import calls, leads, spend, waiting
 from infra.local.runner import LambdaContext, sqs_event
 
 FORM = "application/x-www-form-urlencoded"
@@ -64,7 +64,8 @@ def test_round_robin_alternates_operators_and_skips_busy_ones(stack):
         deliver("callbacks", "callback_worker")
     # 200, 201; then the turn is 200's again, but 200 is still on its call (nobody released it).
     assert [c["pattern"] for c in originates(stack["pbx"])] == ["200", "201"]
-    assert len(receive("callbacks")) == 0  # the third waits ~30 s for a free operator
+    assert len(receive("callbacks")) == 0  # the third waits in the list (no re-send) for a free operator
+    assert len(waiting.entries(101)) == 1
 
 
 def test_order_no_longer_processing_is_not_called(stack):
@@ -208,9 +209,9 @@ def test_twelve_concurrent_callbacks_never_exceed_five_channels(stack, use_confi
     assert _run_concurrently(events) == ["ok"] * 12
     stats = stack["pbx"].stats()
     assert stats["originates"] == 5 and stats["max_in_flight"] <= 5
-    retries = [json.loads(p["MessageBody"]) for p in sent if p["QueueUrl"] == resources.queue_url("callbacks")]
-    assert len(retries) == 7 and {r["reason"] for r in retries} == {"no_free_channel"}
-    assert {p["DelaySeconds"] for p in sent} == {30}
+    # The other seven wait in the offer's list, oldest first: no callback is re-sent to itself.
+    assert [p for p in sent if p["QueueUrl"] == resources.queue_url("callbacks")] == []
+    assert len(waiting.entries(101)) == 7
     stack["pbx"].hold(False)
 
 

@@ -84,7 +84,7 @@ def test_a_stuck_call_without_statistics_expires_and_frees_everything(aws, beeli
     assert (call["state"], call["outcome"], call["settled_by"]) == ("ended", "failed", "expired")
     assert channels.busy(PROVIDER, 5) == 0 and operator_free()
     assert calls.open_calls() == []
-    [(_, retry, delay)] = [m for m in sent if m[0] == "callbacks"]
+    [(_, retry, delay)] = [m for m in sent if m[0] == "callbacks" and "dispatch" not in m[1]]
     assert retry["lead_id"] == call["lead_id"] and retry["attempt"] == 2 and retry["reason"] == "failed"
     assert delay == 600  # the offer's retry interval for "failed"
     assert leads.get(call["lead_id"])["state"] == "callback_scheduled"
@@ -131,8 +131,11 @@ def test_a_call_found_in_the_statistics_is_settled_from_them(aws, beeline_sandbo
     assert calls.get(other_operator)["state"] == "dialing"
     assert calls.open_calls() == [other_operator]
     assert operator_free("200") and not operator_free("201") and channels.busy(PROVIDER, 5) == 1
-    retries = [m for m in sent if m[0] == "callbacks"]
+    retries = [m for m in sent if m[0] == "callbacks" and "dispatch" not in m[1]]
     assert len(retries) == (0 if outcome == "answered" else 1)
+    # The freed channel and operator go to a waiting lead once the operator's wrap-up (15 s) is over.
+    assert [m for m in sent if m[0] == "callbacks" and "dispatch" in m[1]] == [
+        ("callbacks", {"dispatch": "released"}, 15)]
 
 
 def test_a_recent_call_is_left_alone(aws):
@@ -166,7 +169,7 @@ def test_an_ended_call_with_interrupted_consequences_gets_them(aws, sent):
     assert calls.finish(call_id, "busy")  # and the Lambda died before freeing anything
     assert reconciler.reconcile()["closed"] == 1
     assert calls.open_calls() == [] and channels.busy(PROVIDER, 5) == 0 and operator_free()
-    [(_, retry, delay)] = [m for m in sent if m[0] == "callbacks"]
+    [(_, retry, delay)] = [m for m in sent if m[0] == "callbacks" and "dispatch" not in m[1]]
     assert retry["attempt"] == 2 and retry["reason"] == "busy" and delay == 600
 
 

@@ -54,11 +54,10 @@ def extend(provider: str, slot: int, holder: str, seconds: int, now: float | Non
 
 
 def busy(provider: str, limit: int, now: float | None = None) -> int:
-    """Slots held by an unexpired lease (for alerts and tests)."""
+    """Slots (of the first `limit`) held by an unexpired lease: one Query over the provider's slots."""
     now = time.time() if now is None else now
     count = 0
-    for slot in range(limit):
-        item = store.get(_key(provider, slot)) or {}
-        if item.get("holder") and item.get("expires_at", 0) >= now:
+    for item in store.query(f"CHANNELS#{provider}", "SLOT#"):
+        if int(item["sk"].removeprefix("SLOT#")) < limit and item.get("holder") and item.get("expires_at", 0) >= now:
             count += 1
     return count

@@ -9,26 +9,35 @@ For each callback message `{lead_id, attempt, due_at, reason, [call_id, manual]}
    and the CRM call log say why) and the lead is finished;
 5. the month's budget spent (R-23): an automatic callback waits (looked at again every
    BUDGET_RECHECK_SECONDS, so a new month or a higher budget resumes it); a manual one is not dialled;
-6. its CRM order no longer "processing": no call; outside the offer's working hours: rescheduled to
-   the next opening (manual calls skip both);
-7. a channel lease, then an operator by the offer's rule, both under this delivery's own holder
-   token: none free = try again in ~30 s;
-8. the call is claimed (conditional write: one winner among duplicates and racing workers; the
-   holder token is stored with it), and only then originated: `POST abonents/{operator}/call?
-   phoneNumber={10 digits}`.
+6. outside the offer's working hours: rescheduled to the next opening (manual calls skip this);
+7. the callback joins its offer's waiting list and a dispatch pass runs at once
+   (functions/calling/dispatch.py): a free channel and operator go to the oldest waiting lead, which is
+   this one when nobody waits. None free: the message is acknowledged and the lead waits, at no cost,
+   until a call's release (or the minute's sweep) dispatches it. Steps 2-6 run again then (DynamoDB only);
+8. dialling a lead (its turn come): a channel lease, then an operator by the offer's rule, both under this
+   delivery's own holder token; then the CRM status, read once, right before the dial (no call when the
+   order is no longer "processing"; manual calls skip it); then the call is claimed (conditional write: one
+   winner among duplicates and racing workers; the holder token is stored with it), and only then
+   originated: `POST abonents/{operator}/call?phoneNumber={10 digits}`.
 Whatever fails before the originate gives back the lease and the operator (and un-claims). An
 originate that surely never reached Beeline is un-claimed and retried; one that may have (timeout, or
 any error that is not Beeline's answer) is left "dialing" for the call events or the reconciler to
 settle: it is never dialled twice.
+
+Provider requests per dialled lead: the CRM order once, the originate once, and the operators' agent status
+from a per-container cache (AGENT_STATUS_TTL_SECONDS) asked only for operators free in DynamoDB; a waiting
+lead costs none. Both providers' clients share a client-side rate limit (functions/core/http.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-import uuid
+import threading
+import time
+import weakref
 
-from functions.calling import budget, channels, dialable, dnc, operators, retry_policy, schedule
+from functions.calling import budget, channels, dialable, dispatch, dnc, operators, retry_policy, schedule
 from functions.calling.working_hours import next_opening
 from functions.core import config, queues, times
 from functions.core.observability import logger, metric
@@ -36,12 +45,13 @@ from functions.core.phones import mask, national_digits
 from functions.core.queues import Poison, Transient
 from functions.providers.beeline import client as beeline
 from functions.providers.salesrender import client as salesrender
-from functions.records import call_events, calls, leads
+from functions.records import call_events, calls, daily, leads, postbacks, waiting
 
-NO_CHANNEL_RETRY_SECONDS = 30
 BUDGET_RECHECK_SECONDS = 900  # a lead stopped by the budget looks again this often (R-23)
 _EXT_TRACKING_ID = re.compile(r"\d+:\d+")
 FINAL_LEAD_STATES = ("done", "closed", "exhausted", "do_not_call", "not_dialable")
+# An operator's agent status is asked at most once per this many seconds per container (whatever the backlog).
+AGENT_STATUS_TTL_SECONDS = 5.0
 
 
 def _parse_due(value) -> dt.datetime:
@@ -59,7 +69,7 @@ def _finish_lead(lead_id: str, state: str, reason: str, log: dict) -> None:
 
 def _again(message: dict, when: dt.datetime, reason: str, now: dt.datetime) -> None:
     schedule.schedule(message["lead_id"], message["attempt"], when, reason, now=now,
-                       extra={k: message[k] for k in ("call_id", "manual") if k in message})
+                       extra={k: message[k] for k in ("call_id", "manual", "operator_hint") if k in message})
 
 
 def _settle_not_dialled(call_id: str, existing: dict | None, reason: str, lead: dict, offer_id: int, attempt: int,
@@ -87,13 +97,35 @@ def _not_dialled_effects(call_id: str) -> None:
 
 
 def process(message: dict, now: dt.datetime | None = None) -> str:
-    """Handle one callback message; returns what happened (for logs and tests)."""
+    """Handle one message of the callbacks queue (a due callback, or a dispatch request); returns what
+    happened (for logs and tests)."""
+    if dispatch.is_dispatch(message):
+        return _dispatch_request(message, now)
+    return _process(message, now)
+
+
+def _dispatch_request(message: dict, now: dt.datetime | None) -> str:
+    offers = message.get("offers")
+    if offers is not None and (not isinstance(offers, list) or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offers)):
+        raise Poison("dispatch request: offers must be a list of offer ids", code="malformed")
+    done = dispatch.run(_turn(now), offers, reason=str(message.get("dispatch"))[:40])
+    return f"dispatched {sum(1 for _, result in done if result == 'originated')}"
+
+
+def _turn(now: dt.datetime | None):
+    """The dialer as a dispatch pass runs it on a waiting entry's message, with the pass's channel lease."""
+    return lambda entry_message, lease: _process(entry_message, now, lease=lease)
+
+
+def _process(message: dict, now: dt.datetime | None, lease: dispatch.Lease | None = None) -> str:
+    waiting_turn = lease is not None
     now = now or dt.datetime.now(dt.UTC)
     lead_id, attempt = message.get("lead_id"), message.get("attempt")
     if not isinstance(lead_id, str) or not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
         raise Poison("callback needs lead_id and a positive attempt", code="malformed")
     due = _parse_due(message.get("due_at"))
-    if due > now + dt.timedelta(seconds=1):
+    if due > now + dt.timedelta(seconds=1) and not waiting_turn:
         schedule.hop(message, now)
         return "hopped"
     lead = leads.get(lead_id)
@@ -146,24 +178,48 @@ def process(message: dict, now: dt.datetime | None = None) -> str:
                      waiting_since=lead.get("waiting_since") or times.now_iso())
         metric("CallbacksWaitingForBudget", offer=str(offer.id))
         return "budget_waiting"
-    if lead.get("order_id") and not manual:
-        try:
-            order = salesrender.default_client().get_order(lead["order_id"])
-        except salesrender.SalesRenderError as exc:
-            if exc.transient:
-                raise Transient(str(exc)) from None
-            raise Poison(str(exc), code=exc.code) from None
-        group = ((order or {}).get("status") or {}).get("group")
-        if group != "PROCESSING":
-            _finish_lead(lead_id, "closed", f"crm_status_{(group or 'missing').lower()}", log)
-            return "crm_closed"
     if not manual:
         opening = next_opening(offer.working_hours, now)
         if opening > now:
             _again(message, opening, "working_hours", now)
             logger.info("outside working hours: rescheduled", extra={**log, "due_at": opening.isoformat()})
             return "rescheduled_working_hours"
-    return _dial(message, lead, offer, cfg, call_id, existing, manual, log, now)
+    if lease is not None:
+        return _dial(message, lead, offer, cfg, call_id, existing, manual, log, now, lease)
+    # Its turn in the offer's waiting list, then a dispatch pass: oldest first, also against leads already
+    # waiting, and a lead that finds everything busy is simply left there (no re-send, no provider request).
+    waiting.join(offer.id, message, call_id, manual, since=lead.get("created_at"))
+    result = dict(dispatch.run(_turn(now), [offer.id], reason="due")).get(call_id)
+    if result is None:
+        logger.info("callback waiting for a free channel and operator", extra=log)
+        metric("CallbacksWaiting", offer=str(offer.id))
+        return "waiting"
+    return result
+
+
+def _crm_closed(lead: dict, manual: bool, log: dict) -> bool:
+    """Read the order's status once, right before the dial: True (and the lead closed) when it has left
+    "processing". A lead without an order yet is dialled (speed to lead never waits for the CRM)."""
+    if manual or not lead.get("order_id"):
+        return False
+    try:
+        order = salesrender.default_client().get_order(lead["order_id"])
+    except salesrender.SalesRenderError as exc:
+        if exc.transient:
+            raise Transient(str(exc)) from None
+        raise Poison(str(exc), code=exc.code) from None
+    group = ((order or {}).get("status") or {}).get("group")
+    if group:
+        try:  # R-21: a status group seen here fires its postbacks too (once each: records/postbacks.status_seen)
+            postbacks.status_seen(lead["order_id"], group, ((order or {}).get("status") or {}).get("name") or "",
+                                  lead_id=lead["lead_id"], offer_id=lead.get("offer_id"))
+            daily.order_status_seen(lead["order_id"], lead.get("offer_id"), group)
+        except Exception:  # noqa: BLE001 - neither blocks a call; the webhook sees the status too
+            logger.exception("postback or approval count not recorded", extra=log)
+    if group == "PROCESSING":
+        return False
+    _finish_lead(lead["lead_id"], "closed", f"crm_status_{(group or 'missing').lower()}", log)
+    return True
 
 
 def _give_back(provider: str, slot: int, operator: str | None, holder: str) -> None:
@@ -176,36 +232,34 @@ def _give_back(provider: str, slot: int, operator: str | None, holder: str) -> N
 
 
 def _dial(message: dict, lead: dict, offer, cfg, call_id: str, existing: dict | None, manual: bool, log: dict,
-          now: dt.datetime) -> str:
+          now: dt.datetime, lease: dispatch.Lease) -> str:
     lead_id, attempt = lead["lead_id"], message["attempt"]
     digits = national_digits(lead["phone"])  # dialable.refusal() passed: this cannot raise
-    provider = cfg.provider.name
-    # Each delivery holds its channel and operator under its own token, stored with the claim: a
-    # duplicate that loses the claim releases only what it took, and the tracker releases the winner's.
-    holder = f"{call_id}#{uuid.uuid4().hex[:12]}"
-    slot = channels.acquire(provider, cfg.provider.channel_limit, holder)
-    if slot is None:
-        _again(message, now + dt.timedelta(seconds=NO_CHANNEL_RETRY_SECONDS), "no_free_channel", now)
-        metric("NoFreeChannel", provider=provider)
-        return "no_free_channel"
+    # The channel lease is the dispatch pass's (taken for the oldest entry, under a token of its own); the
+    # operator is reserved under the same token, and both go to the call with its claim: a duplicate that
+    # loses the claim releases only its own operator, and the tracker releases the winner's.
+    provider, slot, holder = lease.provider, lease.slot, lease.holder
     operator, claimed = None, False
-    try:  # whatever fails before the claim, the lease and the operator are given back
+    try:  # whatever fails before the claim, the operator is given back (the pass keeps or frees the lease)
         client = beeline.default_client()
-        operator = operators.choose(offer, call_id, _agent_status(client, log), holder=holder)
+        operator = operators.choose(offer, call_id, _agent_status(client, log), holder=holder,
+                                    prefer=message.get("operator_hint") or (existing or {}).get("operator_hint"))
         if operator is None:
-            _again(message, now + dt.timedelta(seconds=NO_CHANNEL_RETRY_SECONDS), "no_free_operator", now)
             metric("NoFreeOperator", offer=str(offer.id))
             return "no_free_operator"
+        if _crm_closed(lead, manual, log):
+            return "crm_closed"
         claimed = calls.claim(call_id, {
             "lead_id": lead_id, "offer_id": offer.id, "attempt": attempt, "phone": lead["phone"],
             "operator": operator, "channel_slot": slot, "provider": provider, "holder": holder, "manual": manual,
             "dialing_at": times.now_iso(), "created_at": (existing or {}).get("created_at") or times.now_iso(),
         })
+        lease.claimed = claimed
         if not claimed:
             return "duplicate"
     finally:
-        if not claimed:
-            _give_back(provider, slot, operator, holder)
+        if not claimed and operator:
+            operators.release(operator, holder)
 
     log["operator"] = operator
     try:
@@ -260,13 +314,30 @@ def _uncertain(call_id: str, error: str, log: dict, provider: str) -> str:
     return "uncertain"
 
 
+_status_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> {pattern: (until, status)}
+_status_lock = threading.Lock()
+
+
 def _agent_status(client: beeline.BeelineClient, log: dict):
+    """The operator's agent status, asked at most once per AGENT_STATUS_TTL_SECONDS per operator in this
+    container (a client rebuilt for a new token starts afresh)."""
+    with _status_lock:
+        cache = _status_cache.setdefault(client, {})
+
     def status(pattern: str) -> str:
+        now = time.monotonic()
+        with _status_lock:
+            hit = cache.get(pattern)
+        if hit and hit[0] > now:
+            return hit[1]
         try:
-            return client.agent_status(pattern)
+            value = client.agent_status(pattern)
         except beeline.BeelineError as exc:
             # Unknown status must not stop calls: ring the operator rather than nobody.
             logger.warning("agent status unknown", extra={**log, "operator": pattern, "error": str(exc)})
-            return "UNKNOWN"
+            value = "UNKNOWN"
+        with _status_lock:
+            cache[pattern] = (now + AGENT_STATUS_TTL_SECONDS, value)
+        return value
 
     return status

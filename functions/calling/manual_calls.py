@@ -84,23 +84,38 @@ def _lead_for(phone: str, offer_id: int, key: str | None, name: str, now: str) -
 
 
 def _queue(call_id: str, key: str | None, phone: str, offer, name: str) -> dict:
+    lead = _lead_for(phone, offer.id, key, name, times.now_iso())
+    return queue(call_id, lead, offer)
+
+
+def queue(call_id: str, lead: dict, offer, *, attributes: dict | None = None, operator: str | None = None,
+          source: str = "api") -> dict:
+    """Dial `lead` now, as a manual call `call_id` (both POST /v1/calls and the CRM plugin's "Call" come
+    here): the callback goes on the queue with no delay and the dialer skips working hours and the CRM
+    status, but not the channel limit, the leases, the operator rules, the do-not-call list or the budget
+    rule for manual calls. `attributes` are stored on the call (e.g. the CRM order and user who asked);
+    `operator` is a hint for the dialer (an operator of the offer). Repeating it with the same call id
+    changes nothing. Returns the call record."""
     now = times.now_iso()
-    lead = _lead_for(phone, offer.id, key, name, now)
-    call = {"call_id": call_id, "lead_id": lead["lead_id"], "offer_id": offer.id, "attempt": 1, "phone": phone,
-            "manual": True, "created_at": now}
+    phone = lead["phone"]
+    call = {**(attributes or {}), "call_id": call_id, "lead_id": lead["lead_id"], "offer_id": offer.id,
+            "attempt": 1, "phone": phone, "manual": True, "created_at": now,
+            **({"operator_hint": operator} if operator else {})}
     reason = ("do_not_call" if dnc.listed(phone)
               else None if budget.allows_call(config.load(), manual=True) else "budget_exhausted")
     if reason:
         # It would not be dialled: say so now instead of showing "queued" (the dialer re-checks anyway).
         calls.settle_not_dialled(call_id, reason, call)
-        logger.info("manual call not dialled", extra={"call_id": call_id, "phone": mask(phone), "reason": reason})
+        logger.info("manual call not dialled", extra={"call_id": call_id, "phone": mask(phone), "reason": reason,
+                                                      "source": source})
         metric("CallsNotDialled", reason=reason)
         return calls.get(call_id) or call
     if calls.create_queued(call):
-        schedule.schedule(lead["lead_id"], 1, dt.datetime.now(dt.UTC), "manual", extra={"call_id": call_id,
-                                                                                      "manual": True})
+        hint = {"operator_hint": operator} if operator else {}
+        schedule.schedule(lead["lead_id"], 1, dt.datetime.now(dt.UTC), "manual",
+                          extra={"call_id": call_id, "manual": True, **hint})
         logger.info("manual call queued", extra={"lead_id": lead["lead_id"], "call_id": call_id, "phone": mask(phone),
-                                                 "known_lead": lead.get("source") != "api"})
+                                                 "known_lead": lead.get("source") != "api", "source": source})
         metric("ManualCallsQueued", offer=str(offer.id))
     return calls.get(call_id) or call
 

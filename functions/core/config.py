@@ -18,9 +18,16 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+
+# Cold start: pydantic would look up installed plugins (an importlib.metadata scan of the package) when the first
+# model is built; callbridge uses none. Set before the models below are defined.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# libyaml's safe loader where the wheel has it (the Lambda package does): ~50 ms less than pure Python per load.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 DEFAULT_CONFIG = "config/local.yaml"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00")
@@ -57,6 +64,8 @@ class Budget(_Model):
 class Provider(_Model):
     name: str = "Beeline_Main"
     channel_limit: int = Field(default=5, ge=1, le=100)
+    # The owner is alerted (SNS, once per episode) when this share of the channels is busy (R-23).
+    channel_alert_ratio: float = Field(default=0.8, gt=0, le=1)
     recording: bool = True
     retention_days: int = Field(default=30, ge=1, le=3650)
     webhook_cidrs: list[str] = ["0.0.0.0/0", "::/0"]
@@ -154,11 +163,52 @@ class RetryPolicy(_Model):
         return max(r.max_attempts for r in (self.operator_missed, self.busy, self.no_answer, self.failed))
 
 
+STATUS_GROUPS = ("PROCESSING", "CANCELED", "APPROVED", "SHIPPED", "DELIVERED", "UNDELIVERED", "REFUNDED", "SPAM",
+                 "DOUBLE")
+POSTBACK_PLACEHOLDERS = ("order_id", "lead_id", "status", "status_name", "payout", "subid", "utm_source",
+                         "utm_medium", "utm_campaign", "utm_content", "utm_term")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 class Postback(_Model):
+    """`{on: [GROUP, ...], method, url, body}`: fired once per order and status group (R-21)."""
+
+    on: list[Literal[STATUS_GROUPS]] = Field(min_length=1)  # type: ignore[valid-type]
     method: Literal["GET", "POST"] = "GET"
     url: str
     body: str | None = None
-    statuses: list[str] = ["APPROVED", "CANCELED"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value):
+        # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean True: take it back as "on".
+        if isinstance(value, dict) and True in value and "on" not in value:
+            value = {("on" if k is True else k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _templates(self):
+        if not re.match(r"https?://[^/\s]+", self.url):
+            raise ValueError("url must start with http:// or https://")
+        if self.body is not None and self.method != "POST":
+            raise ValueError("body is for method POST only")
+        for name, template in (("url", self.url), ("body", self.body or "")):
+            unknown = sorted(set(_PLACEHOLDER.findall(template)) - set(POSTBACK_PLACEHOLDERS))
+            if unknown:
+                raise ValueError(f"{name}: unknown placeholder {{{unknown[0]}}}; use "
+                                 + ", ".join(f"{{{p}}}" for p in POSTBACK_PLACEHOLDERS))
+        return self
+
+
+class Baseline(_Model):
+    """The offer's figures before callbridge (R-22): the report shows the change against them and the
+    seed's relative goals (+50% calls-to-leads, -20% CPA). Ratios as fractions (0.14 = 14%)."""
+
+    calls_to_leads: float | None = Field(default=None, ge=0)
+    cpa_rub: float | None = Field(default=None, gt=0)
+    approval_rate: float | None = Field(default=None, ge=0, le=1)
+    avg_talk_seconds: float | None = Field(default=None, ge=0)
+    roas: float | None = Field(default=None, ge=0)
 
 
 class Offer(_Model):
@@ -173,11 +223,14 @@ class Offer(_Model):
     distribution: Literal["round_robin", "least_recently_called"] = "round_robin"
     skip_unavailable_operators: bool = True
     callback_delay_seconds: int = Field(default=300, ge=0, le=900)
+    # After-call work (seed §6.2): an operator is not rung again until this long after their call ended.
+    wrap_up_seconds: int = Field(default=15, ge=0, le=600)
     working_hours: WorkingHours = WorkingHours()
     retry: RetryPolicy = RetryPolicy()
     phone_visibility: Literal["full", "partial"] = "partial"
     payout_rub: float = Field(default=0, ge=0)
     postbacks: list[Postback] = []
+    baseline: Baseline | None = None
 
     @field_validator("caller_id")
     @classmethod
@@ -185,6 +238,16 @@ class Offer(_Model):
         if not re.fullmatch(r"\+7[0-9]{10}", value):
             raise ValueError("caller_id must be +7XXXXXXXXXX")
         return value
+
+
+class Crm(_Model):
+    """The SalesRender side (crm/). `call_log_write_back`: the call log in the order's string field
+    (postcall/write_back.py): "always" (the default), "never", or "auto": only while no PBX plugin is
+    registered for the company, whose CDRs then show the calls in the lead card instead."""
+
+    call_log_write_back: Literal["auto", "always", "never"] = "always"
+    # The PBX plugin's "Call" may name the SalesRender user who pressed it: user id -> Beeline operator.
+    plugin_operators: dict[str, str] = {}
 
 
 class Config(_Model):
@@ -195,6 +258,7 @@ class Config(_Model):
     # least a week, so a lead is never deleted while its retries are still being called.
     data_retention_days: int = Field(default=90, ge=7, le=3650)
     default_offer_id: int | None = None
+    crm: Crm = Crm()
     offers: list[Offer] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -226,7 +290,7 @@ class Config(_Model):
 
 def parse(text: str, source: str = "<config>") -> Config:
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader (libyaml's SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(document, dict):

@@ -10,8 +10,9 @@ reconciler. A call ends when its decisive release is seen:
   failure); with an answer, the customer leg decides;
 - an inbound leg (Terminator): answered, or missed (no_answer).
 `finalize` then runs the side effects once each: cost to the month's spend, the channel lease and
-operator freed, the call log line, the dialer's retry policy, and the post-call job (recording or
-write-back) on the recordings queue.
+operator freed (the operator for a new call only after the offer's wrap-up time), a dispatch of the leads
+waiting for that capacity (calling/dispatch.py), the call log line, the dialer's retry policy, and the
+post-call job (recording or write-back) on the recordings queue.
 
 Which of our calls an extTrackingId belongs to: the operator abonent named by the event's targetId
 is reserved for exactly one callbridge call while it rings (functions/calling/operators.py), so the first
@@ -25,7 +26,7 @@ import functools
 import math
 import time
 
-from functions.calling import channels, operators, retry_policy
+from functions.calling import budget, channels, dispatch, operators, retry_policy
 from functions.core import config, queues, times
 from functions.core.observability import logger, metric
 from functions.providers.beeline.events import CallData, XsiEvent
@@ -178,6 +179,19 @@ def keep_alive(call_id: str, call: dict) -> None:
         operators.reserve(call["operator"], call_id, holder=call.get("holder") or call_id)  # extends busy_until
 
 
+def _dispatch_waiting(call_id: str, call: dict) -> None:
+    """Capacity just freed: a waiting lead gets it once the operator's wrap-up is over (calling/dispatch.py).
+    Sent, then flagged; a failure to send is left to the dispatch sweep (each minute) rather than holding up
+    the call's other consequences."""
+    try:
+        dispatch.released(call)
+    except Exception:  # noqa: BLE001
+        logger.warning("dispatch after release not sent: the sweep dispatches", extra={"call_id": call_id},
+                       exc_info=True)
+        return
+    calls.flag_once(call_id, "dispatch_triggered")
+
+
 def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ended_at: str | None = None,
              talk_seconds: int = 0, source: str = "events") -> bool:
     """End the call with its outcome and run the consequences, each exactly once. Safe to call again
@@ -195,11 +209,16 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
     if call.get("cost_rub") and not call.get("cost_counted"):
         # The cost and its flag in one transaction; counted in the business month the call ended in.
         spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])))
+        budget.cost_added(spend.month(times.parse(call["ended_at"])))  # owner alerts at 80%/100% (R-23)
     if call.get("direction") != "inbound":
         if call.get("channel_slot") is not None:
             channels.release(call["provider"], int(call["channel_slot"]), call.get("holder") or call_id)
         if call.get("operator"):
-            operators.release(call["operator"], call.get("holder") or call_id)  # the claim's holder token
+            offer = cfg.offer(call.get("offer_id"))
+            operators.release(call["operator"], call.get("holder") or call_id,  # the claim's holder token
+                              wrap_up_seconds=offer.wrap_up_seconds if offer else 0)
+        if not call.get("dispatch_triggered"):
+            _dispatch_waiting(call_id, call)
     calls.log_ended(call["lead_id"], call["ended_at"], call_id)
     if call.get("direction") == "inbound":
         if call["outcome"] == "answered":

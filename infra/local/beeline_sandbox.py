@@ -388,7 +388,7 @@ class BeelineSandbox(SandboxServer):
                  verbose: bool = False, *, abonents: list[dict[str, Any]] | None = None,
                  numbers: list[dict[str, Any]] | None = None, talk_seconds: float = DEFAULT_TALK_SECONDS,
                  ring_seconds: float = DEFAULT_RING_SECONDS, no_answer_seconds: float = DEFAULT_NO_ANSWER_SECONDS,
-                 noise_events: bool = False):
+                 noise_events: bool = False, talk_range: tuple[float, float] | None = None, extra_abonents: int = 0):
         if isinstance(time_scale, bool) or not isinstance(time_scale, int | float) or not time_scale > 0:
             raise ValueError("time_scale must be a positive number")
         if isinstance(max_expires, bool) or not isinstance(max_expires, int) or max_expires < 1:
@@ -408,8 +408,16 @@ class BeelineSandbox(SandboxServer):
         self.ring_seconds = float(ring_seconds)
         self.no_answer_seconds = float(no_answer_seconds)
         self.noise_events = noise_events
+        # The bench: talk times drawn per call from [low, high] simulated seconds (1-3 minutes), and more
+        # operators than the three default abonents (extensions 300, 301, ...).
+        if talk_range is not None and not 0 < talk_range[0] <= talk_range[1]:
+            raise ValueError("talk_range must be 0 < low <= high")
+        self.talk_range = talk_range
         self._seed_abonents = [{k: a.get(k) for k in ABONENT_KEYS}
                                for a in (abonents if abonents is not None else DEFAULT_ABONENTS)]
+        self._seed_abonents += [{"userId": f"SIPBENCH{i:04d}@ip.beeline.ru", "phone": f"90020{i:05d}",
+                                 "firstName": f"Оператор {300 + i}", "lastName": None, "email": None,
+                                 "department": "Bench", "extension": str(300 + i)} for i in range(extra_abonents)]
         for a in self._seed_abonents:
             if not a["userId"]:
                 raise ValueError("every abonent needs a userId")
@@ -430,6 +438,7 @@ class BeelineSandbox(SandboxServer):
         self._in_flight: set[str] = set()
         self._originates = 0
         self._max_in_flight = 0
+        self._api_requests: dict[str, int] = {}  # portal API requests by operation (the bench's provider count)
         self._next_tracking = random.randint(40_000_000, 49_999_999)
         self._next_call_half = random.randint(700_000_000, 799_999_999)
         self._subs: dict[str, dict[str, Any]] = {}
@@ -438,6 +447,7 @@ class BeelineSandbox(SandboxServer):
         self._references: dict[str, tuple[str, float]] = {}
         self._outcomes: dict[str, dict[str, Any]] = {}
         self._faults: list[dict[str, Any]] = []
+        self._api_log: deque[dict[str, Any]] = deque(maxlen=MAX_DELIVERY_LOG * 5)  # api_requests(): each request
         self._hold = False
         self._deliveries: deque[dict[str, Any]] = deque(maxlen=MAX_DELIVERY_LOG)
 
@@ -467,7 +477,7 @@ class BeelineSandbox(SandboxServer):
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"originates": self._originates, "max_in_flight": self._max_in_flight,
-                    "in_flight": len(self._in_flight)}
+                    "in_flight": len(self._in_flight), "api_requests": dict(self._api_requests)}
 
     def set_outcome(self, phone10: str, outcome: str, talk_seconds: float | None = None) -> dict[str, Any]:
         """Decide what happens when `phone10` is called (overrides the last-two-digits rule)."""
@@ -484,9 +494,10 @@ class BeelineSandbox(SandboxServer):
         """(outcome, talk seconds) for a customer number: the mapping, else the last two digits, else answered."""
         with self._lock:
             entry = self._outcomes.get(phone10)
+        talk = random.uniform(*self.talk_range) if self.talk_range else self.talk_seconds
         if entry is not None:
-            return entry["outcome"], entry.get("talk_seconds", self.talk_seconds)
-        return OUTCOME_BY_LAST_TWO_DIGITS.get(phone10[-2:], "answered"), self.talk_seconds
+            return entry["outcome"], entry.get("talk_seconds", talk)
+        return OUTCOME_BY_LAST_TWO_DIGITS.get(phone10[-2:], "answered"), talk
 
     def inbound(self, caller_phone10: str, number10: str, extension: str = "200", outcome: str = "answered",
                 talk_seconds: float | None = None) -> dict[str, Any]:
@@ -590,6 +601,12 @@ class BeelineSandbox(SandboxServer):
             now = time.monotonic()
             return [{**self._record_view(r), "available": now >= r["_available_at"]}
                     for r in self._records.values() if include_pending or now >= r["_available_at"]]
+
+    def api_requests(self, operation: str | None = None) -> list[dict[str, Any]]:
+        """Authorised API requests as they arrived, oldest first: method, operation (FAULT_OPERATIONS' names)
+        and abonent pattern; never the query (it carries phone numbers). `operation` filters."""
+        with self._lock:
+            return [dict(r) for r in self._api_log if operation is None or r["operation"] == operation]
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Delivery attempts, oldest first: subscription, event, HTTP status or error (no URL: it holds a secret)."""
@@ -1048,9 +1065,16 @@ class BeelineSandbox(SandboxServer):
         query = parse_qs(query_string, keep_blank_values=True)
         try:
             route = self._route(method, segments)
+            with self._lock:
+                name = route[0] if route else "unknown"
+                self._api_requests[name] = self._api_requests.get(name, 0) + 1
             if route is None:
                 return _error(404, "NotFound", "No such API method")
             operation, allowed, handler = route
+            with self._lock:  # counted on the wire: what a client really sent, faults included
+                self._api_log.append({"method": method, "operation": operation, "at": time.time(),
+                                           "pattern": segments[1] if segments[0] == "abonents" and len(segments) > 1
+                                           else None})
             if method not in allowed:
                 return _error(405, "MethodNotAllowed", f"Request method '{method}' is not supported")
             fault = self._take_fault(operation)
@@ -1447,12 +1471,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulated seconds before a recording can be downloaded")
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     parser.add_argument("--state-file", help="keep calls, recordings and subscriptions in this JSON file")
+    parser.add_argument("--talk-seconds", default=str(DEFAULT_TALK_SECONDS),
+                        help="simulated talk time of an answered call: SECONDS, or LOW-HIGH drawn per call")
+    parser.add_argument("--extra-abonents", type=int, default=0, help="operators beyond the default three")
     args = parser.parse_args(argv)
+    low, _, high = args.talk_seconds.partition("-")
+    try:
+        talk_range = (float(low), float(high or low))
+    except ValueError:
+        parser.error("--talk-seconds: SECONDS or LOW-HIGH")
 
     try:
         sandbox = BeelineSandbox(host=args.host, port=args.port, token=args.token, time_scale=args.time_scale,
                                  max_expires=args.max_expires, originate_body=args.originate_body,
-                                 recording_delay_seconds=args.recording_delay, verbose=not args.quiet)
+                                 recording_delay_seconds=args.recording_delay, verbose=not args.quiet,
+                                 talk_seconds=talk_range[0], talk_range=talk_range if high else None,
+                                 extra_abonents=args.extra_abonents)
     except ValueError as exc:
         print(f"beeline sandbox: {exc}", file=sys.stderr)
         return 2

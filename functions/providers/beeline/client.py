@@ -42,8 +42,9 @@ class BeelineClient:
     def __init__(self, base_url: str, token: str):
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self._headers = {"X-MPBX-API-AUTH-TOKEN": token, "Accept": "application/json"}
-        self._reads = http.session(http.idempotent_retry())
-        self._writes = http.session(http.connect_only_retry())
+        # One client-side rate limit for every request to Beeline from this container (core/http.py).
+        self._reads = http.session(http.idempotent_retry(), limiter=http.limiter("beeline"))
+        self._writes = http.session(http.connect_only_retry(), limiter=http.limiter("beeline"))
 
     def _request(self, session: requests.Session, method: str, path: str, **kwargs) -> requests.Response:
         try:
@@ -139,6 +140,8 @@ class BeelineClient:
 
 def _never_sent(exc: requests.ConnectionError) -> bool:
     """True when the connection failed before the request went out (refused, DNS, connect timeout)."""
+    if isinstance(exc, http.RateLimited):  # our own limiter held it back
+        return True
     reason = exc.args[0] if exc.args else None
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
     return isinstance(exc, requests.ConnectTimeout) or isinstance(

@@ -486,3 +486,38 @@ def test_no_cart_without_items_or_default():
 def test_kopecks_are_rounded_not_truncated():
     order = add_order_input(lead(amount_rub=19.99), make_offer())
     assert order["cart"]["items"][0]["price"] == 1999  # 19.99 * 100 is 1998.9999999999998
+
+
+# --- the order read back by the order webhook (R-21) ------------------------------------------------------
+
+
+def test_read_order_asks_by_id_and_never_takes_another_order(mocked, client):
+    mocked.post(URL, json={"data": {"ordersFetcher": {"orders": [{"id": "48211", "status": {"group": "APPROVED"}}]}}})
+    mocked.post(URL, json={"data": {"ordersFetcher": {"orders": [{"id": "5"}]}}})  # a filter the server ignored
+    mocked.post(URL, json={"data": {"ordersFetcher": {"orders": []}}})
+    assert client.read_order("48211", timeout=(1, 2))["status"]["group"] == "APPROVED"
+    assert client.read_order("48211") is None
+    assert client.read_order("7") is None
+    assert json.loads(mocked.calls[0].request.body)["variables"] == {"ids": ["48211"]}
+
+
+def test_the_subid_rides_on_the_referer_and_in_the_comment():
+    order = add_order_input(lead(utm={"utm_source": "vk"}, subid="clk 1", lead_id="L1"), make_offer())
+    assert order["source"]["refererUri"] == "https://drops.example.ru/?utm_source=vk&subid=clk+1&callbridge_lead=L1"
+    assert "subid=clk 1 utm_source=vk" in order["orderData"]["stringFields"][0]["value"]
+
+
+def test_an_order_read_back_tells_its_lead_phone_name_and_tags():
+    from functions.providers.salesrender import orders
+
+    lead_id = "c61841a2-a797-57f6-b2ae-7b77480039f6"
+    by_referer = {"source": {"refererUri": f"https://x.example/?callbridge_lead={lead_id}"}}
+    by_comment = {"data": {"stringFields": [{"field": "note", "value": f"hi\ncallbridge lead: {lead_id}"}]}}
+    assert orders.lead_id_of(by_referer) == orders.lead_id_of(by_comment) == lead_id
+    assert orders.lead_id_of({"source": {"refererUri": "https://x.example/?callbridge_lead=../../x"}}) is None
+    order = {"data": {"phoneFields": [{"field": "phone1", "value": "+79995554433"}],
+                      "humanNameFields": [{"field": "fio", "value": {"firstName": "Ольга", "lastName": "К"}}]},
+             "source": {"refererUri": "https://cpa.example/?Click_ID=n-9&utm_medium=cpa", "utm_source": "net"}}
+    assert orders.phone_of(order, make_offer()) == "+79995554433"
+    assert orders.name_of(order, make_offer()) == "Ольга К"
+    assert orders.source_tags(order) == ({"utm_source": "net", "utm_medium": "cpa"}, "n-9")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -321,3 +322,83 @@ def test_cli_serves_and_exits_cleanly(sig):
         if proc.poll() is None:
             proc.kill()
         proc.stdout.close()
+
+
+# ---- the order trigger and the postback tracker (R-21) ---------------------------------------------------
+
+@pytest.fixture()
+def sink(server):
+    from conftest import EventSink
+
+    receiver = EventSink()
+    yield receiver
+    server.configure_webhook(None)  # the module's sandbox posts nowhere again
+    receiver.server.shutdown()
+
+
+@pytest.mark.parametrize(("shape", "path"), [("ordersFetcher", ("data", "ordersFetcher", "orders", 0)),
+                                             ("data", ("data",)), ("orders", ("orders", 0)), ("order", ())])
+def test_a_status_change_posts_the_order_to_the_webhook_in_the_chosen_shape(sr, sink, shape, path):
+    order_id = add_order(sr)
+    requests.post(f"{sr.base_url}/_sandbox/webhook", json={"url": sink.url, "shape": shape}, timeout=5)
+    moved = requests.post(f"{sr.base_url}/_sandbox/orders/{order_id}/status", json={"status_id": "2"}, timeout=20)
+    assert moved.status_code == 200
+    [body] = [json.loads(b) for b in sink.bodies]
+    for step in path:
+        body = body[step]
+    assert body["id"] == order_id and body["status"]["group"] == "APPROVED"
+    assert body["data"]["phoneFields"] == [{"field": "phone", "value": "+79991112233"}]
+    [delivery] = requests.get(f"{sr.base_url}/_sandbox/webhooks", timeout=5).json()
+    assert (delivery["event"], delivery["order_id"], delivery["status"]) == ("status", order_id, 200)
+
+
+def test_api_orders_and_crm_orders_fire_created_and_no_url_fires_nothing(sr, sink):
+    add_order(sr)  # no webhook configured: nothing is sent
+    sr.configure_webhook(sink.url)
+    api_order = add_order(sr)
+    crm = requests.post(f"{sr.base_url}/_sandbox/orders/new", timeout=20, json={
+        "projectId": "1", "statusId": "1", "orderData": {"phoneFields": [{"field": "phone", "value": "+79990001122"}]},
+        "source": {"refererUri": "https://cpa.example/?subid=7"}})
+    assert crm.status_code == 200
+    deadline = time.monotonic() + 5
+    while len(sink.bodies) < 2 and time.monotonic() < deadline:  # addOrder's webhook goes out in a thread
+        time.sleep(0.05)
+    ids = sorted(json.loads(b)["data"]["ordersFetcher"]["orders"][0]["id"] for b in sink.bodies)
+    assert ids == sorted([api_order, crm.json()["id"]])
+    assert {d["event"] for d in sr.webhooks()} == {"created"}
+
+
+def test_a_crm_order_is_checked_like_add_order(sr):
+    response = requests.post(f"{sr.base_url}/_sandbox/orders/new", timeout=5, json={
+        "projectId": "9", "statusId": "1", "orderData": {}})
+    assert response.status_code == 400 and "Project 9 not found" in response.json()["error"]
+
+
+@pytest.mark.parametrize("spec", [{"url": "ftp://x"}, {"shape": "xml"}, {"events": ["deleted"]}, {"nope": 1}])
+def test_bad_webhook_settings_are_refused(sr, spec):
+    assert requests.post(f"{sr.base_url}/_sandbox/webhook", json=spec, timeout=5).status_code == 400
+
+
+def test_the_tracker_records_every_postback_and_fails_on_request(sr):
+    assert requests.post(f"{sr.base_url}/_sandbox/tracker/faults", json={"count": 1, "status": 503},
+                         timeout=5).status_code == 200
+    first = requests.get(f"{sr.base_url}/tracker/pb?subid=a%26b&status=approved", timeout=5)
+    second = requests.post(f"{sr.base_url}/tracker/post/7", data=b'{"x": 1}', timeout=5)
+    assert (first.status_code, second.status_code) == (503, 200)
+    hits = requests.get(f"{sr.base_url}/_sandbox/tracker", timeout=5).json()
+    assert [(h["method"], h["path"], h["status"]) for h in hits] == [("GET", "/tracker/pb", 503),
+                                                                     ("POST", "/tracker/post/7", 200)]
+    assert hits[0]["query"] == {"subid": "a&b", "status": "approved"} and hits[1]["body"] == '{"x": 1}'
+    assert requests.post(f"{sr.base_url}/_sandbox/tracker/faults", json={"count": 0, "status": 500},
+                         timeout=5).status_code == 400
+
+
+def test_the_cli_posts_to_the_local_app_by_default(monkeypatch):
+    from infra.local import salesrender_sandbox
+
+    monkeypatch.delenv("SALESRENDER_SANDBOX_WEBHOOK_URL", raising=False)
+    monkeypatch.setenv("SALESRENDER_WEBHOOK_SECRET", "s")
+    monkeypatch.setenv("CALLBRIDGE_PORT", "8123")
+    assert salesrender_sandbox.default_webhook_url() == "http://127.0.0.1:8123/webhooks/salesrender/s"
+    monkeypatch.delenv("SALESRENDER_WEBHOOK_SECRET")
+    assert salesrender_sandbox.default_webhook_url() is None

@@ -384,3 +384,17 @@ KEYS = st.text(_KEY_CHARS, max_size=30)
 def test_nest_never_raises(pairs):
     result = nest(parse_qsl(urlencode(pairs), keep_blank_values=True))
     assert isinstance(result, dict | list)
+
+
+# --- the CPA click id (R-21) -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["subid", "SubID", "sub_id", "SUB_ID", "clickid", "ClickId", "click_id"])
+def test_the_subid_is_taken_from_any_of_its_names_in_any_case(name):
+    post = extract({"Phone": "+79991112233", name: " clk-1 "}, TildaFields())
+    assert post.subid == "clk-1"
+
+
+def test_no_subid_is_empty_and_a_long_one_is_cut_and_named():
+    assert extract({"Phone": "+79991112233"}, TildaFields()).subid == ""
+    post = extract({"Phone": "+79991112233", "clickid": "я" * 200}, TildaFields())
+    assert len(post.subid.encode()) <= 256 and "clickid" in post.truncated

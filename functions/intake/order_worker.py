@@ -27,6 +27,7 @@ from functions.core.queues import Poison, Transient
 from functions.providers.salesrender import client as salesrender
 from functions.providers.salesrender import orders
 from functions.records import leads
+from functions.records import orders as order_links
 
 ORDER_RECORD_DAYS = 30
 
@@ -108,6 +109,7 @@ def _ensure_order(lead: dict, offer: config.Offer, log: dict, lambda_context) ->
             leads.update(lead_id, order_state="failed", error=str(exc), order_failed_at=times.now_iso())
             raise Poison(str(exc), code=exc.code) from None
         raise Transient(str(exc)) from None
+    order_links.link(order_id, lead_id, "callbridge")  # the order webhook finds its lead by it
     leads.update(lead_id, order_id=order_id, order_state="created", ordered_at=times.now_iso())
     logger.info("order created", extra={**log, "order_id": order_id})
     metric("OrdersCreated", offer=str(offer.id))

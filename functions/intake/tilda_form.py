@@ -22,8 +22,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a real post is a few KB; API Gateway itself 
 MAX_PRODUCTS = 100
 # Byte (UTF-8) limits per stored field: together they keep a lead far below DynamoDB's 400 KB item limit.
 FIELD_BYTES = {"tranid": 256, "formid": 256, "formname": 512, "name": 512, "email": 320, "comment": 8192,
-               "orderid": 256, "utm": 512, "product_name": 1024, "sku": 256}
+               "orderid": 256, "utm": 512, "product_name": 1024, "sku": 256, "subid": 256}
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term")
+# A CPA network's click id, passed through the landing's form to the order and to its postbacks.
+SUBID_FIELDS = ["subid", "sub_id", "clickid", "click_id"]
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -169,6 +171,7 @@ class TildaLead:
     # tranid, else payment[orderid], as posted (a digest when too long to store): every copy maps to it.
     dedupe_key: str | None = None
     truncated: tuple[str, ...] = ()  # the fields cut to their byte limits, as Tilda named them
+    subid: str = ""  # subid / sub_id / clickid / click_id, any case; empty when absent
 
 
 def _dedupe_key(kind: str, value: str) -> str | None:
@@ -217,6 +220,7 @@ def extract(data: dict, fields: TildaFields) -> TildaLead:
     name_field, name = find_field(data, fields.name)
     email_field, email = find_field(data, fields.email)
     comment_field, comment = find_field(data, fields.comment)
+    subid_field, subid = find_field(data, SUBID_FIELDS)
     utm = {k: fit(v, "utm", k) for k, v in parse_utm(data).items()}
     tranid, order_ref = _text(data.get("tranid")), _text(payment.get("orderid"))
     amount = payment.get("amount")
@@ -234,5 +238,6 @@ def extract(data: dict, fields: TildaFields) -> TildaLead:
         amount_rub=_number(amount) if amount not in (None, "") else None,
         products=products,
         dedupe_key=_dedupe_key("tranid", tranid) or _dedupe_key("orderid", order_ref),
+        subid=fit(subid, "subid", subid_field),
         truncated=tuple(truncated),
     )

@@ -104,6 +104,7 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         "email_rejected": "" if email_ok or not post.email else post.email,
         "comment": post.comment,
         "utm": post.utm,
+        "subid": post.subid,  # the CPA click id: on the order's referer and in its postbacks
         "formid": post.formid,
         "formname": post.formname,
         "tranid": post.tranid,

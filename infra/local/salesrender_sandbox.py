@@ -15,6 +15,15 @@ manager would. A fault with `carry_out` first carries the request out and then s
 (answers late, drops the connection, answers a 5xx): the lost answer after which a client must find out
 what happened before it tries again.
 
+The company's order trigger (R-21): with a webhook URL set (`--webhook-url`, or `POST /_sandbox/webhook`),
+an order created (through addOrder or `POST /_sandbox/orders/new`, an order made in the CRM or by a CPA
+network) and an order moved to another status (`POST /_sandbox/orders/{id}/status`, or updateOrder with a
+statusId) is posted there as JSON in one of the nestings real triggers use (`shape`: ordersFetcher =
+`{"data": {"ordersFetcher": {"orders": [order]}}}`, data = `{"data": order}`, orders = `{"orders": [order]}`,
+order = the order itself); `GET /_sandbox/webhooks` lists the deliveries. A postback tracker answers any
+`GET|POST /tracker/...` and records it (`GET /_sandbox/tracker`; `POST /_sandbox/tracker/faults` with
+`{count, status | delay_seconds}` makes it fail), so "fired once" can be checked on the wire.
+
 Run: `python -m infra.local.salesrender_sandbox --host 127.0.0.1 --port 8101 --token X --company-id 1`.
 """
 
@@ -32,6 +41,8 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -57,6 +68,7 @@ from graphql import (
 from graphql.execution import Executor
 from graphql.utilities import get_operation_ast
 
+from infra.local import salesrender_plugin_side  # the PBX plugin protocol's SalesRender side
 from infra.local.sandbox_http import (
     SandboxError,
     SandboxHandler,
@@ -195,6 +207,10 @@ EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
 INTROSPECTION_FIELDS = frozenset({"__schema", "__type"})
 MAX_BODY_BYTES = 1 << 20
 UNAUTHORIZED_BODY = {"errors": [{"message": "Unauthorized", "extensions": {"code": "ERR_UNAUTHORIZED"}}]}
+WEBHOOK_SHAPES = ("ordersFetcher", "data", "orders", "order")
+WEBHOOK_EVENTS = frozenset({"created", "status", "updated"})
+WEBHOOK_TIMEOUT_SECONDS = 15
+ADD_ORDER_MUTATION = "mutation($input: AddOrderInput!) { orderMutation { addOrder(input: $input) { id } } }"
 
 
 def _business_error(code: str, message: str) -> GraphQLError:
@@ -330,7 +346,9 @@ class SalesRenderSandbox(SandboxServer):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = DEFAULT_TOKEN, company_id: str = "1",
                  projects: list[dict[str, Any]] | None = None, statuses: list[dict[str, Any]] | None = None,
-                 order_fields: list[dict[str, Any]] | None = None, verbose: bool = False):
+                 order_fields: list[dict[str, Any]] | None = None, verbose: bool = False,
+                 webhook_url: str | None = None, webhook_shape: str = "ordersFetcher",
+                 webhook_events: frozenset[str] = frozenset({"created", "status"})):
         super().__init__(host, port, handler=_Handler, thread_name="salesrender-sandbox")
         self.token = token
         self.company_id = str(company_id)
@@ -354,6 +372,12 @@ class SalesRenderSandbox(SandboxServer):
         self._next_id = 1
         self._requests: list[dict[str, Any]] = []
         self._faults: list[dict[str, Any]] = []
+        self._webhook: dict[str, Any] = {}
+        self.configure_webhook(webhook_url, webhook_shape, sorted(webhook_events))
+        self._webhooks: list[dict[str, Any]] = []
+        self._tracker_hits: list[dict[str, Any]] = []
+        self._tracker_faults: list[dict[str, Any]] = []
+        self._events: list[tuple[str, str]] = []  # (order id, event) of the requests being answered
 
     # ---- lifecycle: start()/stop()/port/base_url come from SandboxServer -------------------------------
 
@@ -391,7 +415,15 @@ class SalesRenderSandbox(SandboxServer):
         return dict(fault)
 
     def set_order_status(self, order_id: str, status_id: str) -> dict[str, Any]:
-        """Move an order to another status the way a manager does in the SalesRender UI."""
+        """Move an order to another status the way a manager does in the SalesRender UI (the trigger fires;
+        this returns once its webhook has been answered, or has failed)."""
+        view = self._set_order_status(order_id, status_id)
+        with self._lock:
+            self._events.append((str(order_id), "status"))
+        self._flush_events(wait=True)
+        return view
+
+    def _set_order_status(self, order_id: str, status_id: str) -> dict[str, Any]:
         with self._lock:
             order = self._orders.get(str(order_id))
             if order is None:
@@ -412,6 +444,127 @@ class SalesRenderSandbox(SandboxServer):
             self._requests.clear()
             self._faults.clear()
             self._next_id = 1
+            self._webhooks.clear()
+            self._tracker_hits.clear()
+            self._tracker_faults.clear()
+
+    # ---- the order trigger (webhooks) and the postback tracker -----------------------------------------
+
+    def configure_webhook(self, url: str | None, shape: str = "ordersFetcher",
+                          events: list[str] | None = None) -> dict[str, Any]:
+        if url is not None and (not isinstance(url, str) or not re.match(r"https?://", url)):
+            raise SandboxError(400, "url must be an http(s) URL or null")
+        if shape not in WEBHOOK_SHAPES:
+            raise SandboxError(400, f"shape must be one of {', '.join(WEBHOOK_SHAPES)}")
+        events = sorted({"created", "status"} if events is None else events)
+        if not isinstance(events, list) or not set(events) <= WEBHOOK_EVENTS:
+            raise SandboxError(400, f"events must be a list of {', '.join(sorted(WEBHOOK_EVENTS))}")
+        with self._lock:
+            self._webhook = {"url": url, "shape": shape, "events": events}
+            return dict(self._webhook)
+
+    def webhook_config(self) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._webhook)
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """The trigger's deliveries: event, order id, shape, the body sent and the answer (status or error)."""
+        with self._lock:
+            return copy.deepcopy(self._webhooks)
+
+    def webhook_body(self, order_id: str, shape: str | None = None) -> dict[str, Any]:
+        """What the trigger posts for an order now, in `shape` (default: the configured one)."""
+        with self._lock:
+            view = self._order_view(self._orders[str(order_id)])
+            shape = shape or self._webhook["shape"]
+        return {"ordersFetcher": {"data": {"ordersFetcher": {"orders": [view]}}}, "data": {"data": view},
+                "orders": {"orders": [view]}, "order": view}[shape]
+
+    def _fire_webhook(self, order_id: str, event: str, *, wait: bool = False) -> None:
+        with self._lock:
+            config = dict(self._webhook)
+            if not config.get("url") or event not in config["events"] or str(order_id) not in self._orders:
+                return
+            body = self.webhook_body(order_id)
+            delivery: dict[str, Any] = {"at": _now(), "event": event, "order_id": str(order_id),
+                                        "shape": config["shape"], "body": body, "status": None}
+            self._webhooks.append(delivery)
+        # In a thread: an addOrder's answer must not wait for the app, which reads the order back from here.
+        thread = threading.Thread(target=self._deliver, args=(config["url"], body, delivery), daemon=True,
+                                  name="salesrender-webhook")
+        thread.start()
+        if wait:
+            thread.join(WEBHOOK_TIMEOUT_SECONDS + 1)
+
+    def _deliver(self, url: str, body: dict[str, Any], delivery: dict[str, Any]) -> None:
+        request = urllib.request.Request(url, data=json.dumps(body, ensure_ascii=False).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        answer = b""
+        try:
+            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_SECONDS) as response:
+                status, error, answer = response.status, None, response.read(4096)
+        except urllib.error.HTTPError as exc:
+            status, error, answer = exc.code, None, exc.read(4096)
+        except (OSError, ValueError) as exc:
+            status, error = None, type(exc).__name__
+        try:
+            answered = json.loads(answer) if answer else None
+        except ValueError:
+            answered = answer.decode("utf-8", "replace")
+        with self._lock:
+            delivery.update(status=status, error=error, answer=answered, answered_at=_now())
+
+    def tracker_hits(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._tracker_hits)
+
+    def add_tracker_fault(self, count: Any = 1, status: Any = None, delay_seconds: Any = None) -> dict[str, Any]:
+        """The next `count` postbacks answer `status` (after `delay_seconds`, if given)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise SandboxError(400, "count must be a positive integer")
+        if status is None and delay_seconds is None:
+            raise SandboxError(400, "a tracker fault needs status or delay_seconds")
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int)
+                                   or not 100 <= status <= 599):
+            raise SandboxError(400, "status must be an HTTP status code")
+        if delay_seconds is not None and (isinstance(delay_seconds, bool) or not isinstance(delay_seconds, int | float)
+                                          or not 0 <= delay_seconds <= 60):
+            raise SandboxError(400, "delay_seconds must be a number from 0 to 60")
+        fault = {"count": count, **({"status": status} if status is not None else {}),
+                 **({"delay_seconds": delay_seconds} if delay_seconds is not None else {})}
+        with self._lock:
+            self._tracker_faults.append(fault)
+        return dict(fault)
+
+    def handle_tracker(self, method: str, url: SplitResult, body: bytes) -> _Response:
+        """A postback arriving at the tracker: recorded whatever it says, answered 200 unless a fault says not."""
+        hit = {"at": _now(), "method": method, "path": url.path,
+               "query": {k: v[0] if len(v) == 1 else v for k, v in parse_qs(url.query, keep_blank_values=True).items()},
+               "body": body.decode("utf-8", "replace")}
+        with self._lock:
+            fault = self._tracker_faults[0] if self._tracker_faults else None
+            if fault is not None:
+                fault["count"] -= 1
+                if fault["count"] <= 0:
+                    self._tracker_faults.pop(0)
+                hit["fault"] = {k: v for k, v in fault.items() if k != "count"}
+            hit["status"] = (fault or {}).get("status", 200)
+            self._tracker_hits.append(hit)
+        if fault and fault.get("delay_seconds"):
+            time.sleep(fault["delay_seconds"])
+        return _Response(hit["status"], {"ok": hit["status"] < 400})
+
+    def create_crm_order(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """An order made in the CRM itself (by a manager, an import or a CPA network): AddOrderInput as JSON,
+        checked as addOrder checks it; the trigger fires "created"."""
+        response = self._execute(parse(ADD_ORDER_MUTATION), None, {"input": dict(spec)}, None)
+        answer = json.loads(response.body)
+        if answer.get("errors"):
+            raise SandboxError(400, "; ".join(str(e.get("message")) for e in answer["errors"]))
+        order_id = answer["data"]["orderMutation"]["addOrder"]["id"]
+        self._flush_events(wait=True)
+        with self._lock:
+            return self._order_control_view(self._orders[order_id])
 
     def state(self) -> dict[str, Any]:
         """The orders (what `make run` keeps across restarts; requests and faults are per run)."""
@@ -479,6 +632,7 @@ class SalesRenderSandbox(SandboxServer):
                 "cart": copy.deepcopy(cart), "source": copy.deepcopy(source),
                 "createdAt": now, "updatedAt": now, "history": [],
             }
+            self._events.append((order_id, "created"))
             return self._order_view(self._orders[order_id])
 
     def _update_order(self, _info: Any, **args: Any) -> dict:
@@ -506,6 +660,7 @@ class SalesRenderSandbox(SandboxServer):
                         current[:] = [e for e in current if e["field"] != new["field"]] + [new]
             order["updatedAt"] = entry["at"] = _now()
             order["history"].append(entry)
+            self._events.append((order["id"], "status" if status_id is not None else "updated"))
             return self._order_view(order)
 
     def _check_status(self, status_id: Any) -> str:
@@ -599,7 +754,16 @@ class SalesRenderSandbox(SandboxServer):
         response = self._graphql(headers, body, log)
         with self._lock:  # the entry is visible to requests_log(): change it under the lock
             log["status"] = "dropped" if response.drop else response.status
+        self._flush_events()
         return response
+
+    def _flush_events(self, wait: bool = False) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+        for order_id, event in events:
+            self._fire_webhook(order_id, event, wait=wait)
+            if event == "status":  # SalesRender's "order updated" trigger also sees a status change
+                self._fire_webhook(order_id, "updated", wait=wait)
 
     def _graphql(self, headers: Mapping[str, str], body: bytes, log: dict[str, Any]) -> _Response:
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -671,7 +835,8 @@ class SalesRenderSandbox(SandboxServer):
         return _Response(200, body)
 
     def _control_views(self) -> dict[str, Callable[[], Any]]:
-        return {"orders": self.orders, "requests": self.requests_log}
+        return {"orders": self.orders, "requests": self.requests_log, "webhooks": self.webhooks,
+                "tracker": self.tracker_hits}
 
     def _control_route(self, method: str, parts: list[str], body: bytes) -> _Response | None:
         if len(parts) == 3 and parts[0] == "orders" and parts[2] == "status":
@@ -680,6 +845,31 @@ class SalesRenderSandbox(SandboxServer):
             if spec.get("status_id") is None:
                 raise SandboxError(400, "status_id is required")
             return _Response(200, self.set_order_status(parts[1], spec["status_id"]))
+        if parts == ["orders", "new"]:
+            allow_methods(method, "POST")
+            return _Response(200, self.create_crm_order(json_object(body)))
+        if parts == ["webhook"]:
+            allow_methods(method, "GET", "POST")
+            if method == "POST":
+                spec = json_object(body)
+                unknown = set(spec) - {"url", "shape", "events"}
+                if unknown:
+                    raise SandboxError(400, f"unknown keys: {sorted(unknown)}")
+                current = self.webhook_config()
+                return _Response(200, self.configure_webhook(spec.get("url", current["url"]),
+                                                             spec.get("shape", current["shape"]),
+                                                             spec.get("events", current["events"])))
+            return _Response(200, self.webhook_config())
+        if parts == ["tracker", "faults"]:
+            allow_methods(method, "POST")
+            spec = json_object(body)
+            unknown = set(spec) - {"count", "status", "delay_seconds"}
+            if unknown:
+                raise SandboxError(400, f"unknown fault keys: {sorted(unknown)}")
+            return _Response(200, self.add_tracker_fault(**spec))
+        plugin_side = salesrender_plugin_side.control(self, method, parts, body)  # /_sandbox/cdrs, /_sandbox/plugin/
+        if plugin_side is not None:
+            return plugin_side
         return None
 
 
@@ -725,6 +915,11 @@ class _Handler(SandboxHandler):
             if method != "POST":
                 return _Response(405, _error_body("Use POST", "METHOD_NOT_ALLOWED"))
             return sandbox.handle_graphql(self.headers, parse_qs(url.query), body)
+        if url.path == "/tracker" or url.path.startswith("/tracker/"):  # the postback tracker (R-21)
+            return sandbox.handle_tracker(method, url, body)
+        plugin_side = salesrender_plugin_side.route(sandbox, method, url, self.headers, body)  # /pkey/, CDRs
+        if plugin_side is not None:
+            return plugin_side
         return _Response(404, _error_body("Not found", "NOT_FOUND"))
 
     def _internal_error(self, exc: Exception) -> _Response:
@@ -747,6 +942,18 @@ class _Handler(SandboxHandler):
             self.close_connection = True
 
 
+def default_webhook_url() -> str | None:
+    """SALESRENDER_SANDBOX_WEBHOOK_URL, else the local app (CALLBRIDGE_PORT, default 8000) with the webhook
+    secret of the environment (`make run` passes both), else None: no trigger."""
+    explicit = os.environ.get("SALESRENDER_SANDBOX_WEBHOOK_URL")
+    if explicit:
+        return explicit
+    secret = os.environ.get("SALESRENDER_WEBHOOK_SECRET")
+    if not secret:
+        return None
+    return f"http://127.0.0.1:{os.environ.get('CALLBRIDGE_PORT') or '8000'}/webhooks/salesrender/{secret}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Strict SalesRender CRM sandbox (GraphQL over HTTP).")
     parser.add_argument("--host", default="127.0.0.1")
@@ -755,10 +962,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--company-id", default="1")
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     parser.add_argument("--state-file", help="keep the orders in this JSON file across restarts")
+    parser.add_argument("--webhook-url", default=default_webhook_url(),
+                        help="where the order trigger posts (default: the local app's /webhooks/salesrender/"
+                             "{SALESRENDER_WEBHOOK_SECRET}; 'none' sends nothing)")
+    parser.add_argument("--webhook-shape", default=os.environ.get("SALESRENDER_SANDBOX_WEBHOOK_SHAPE") or
+                        "ordersFetcher", choices=WEBHOOK_SHAPES)
     args = parser.parse_args(argv)
 
     sandbox = SalesRenderSandbox(host=args.host, port=args.port, token=args.token, company_id=args.company_id,
-                                 verbose=not args.quiet)
+                                 verbose=not args.quiet,
+                                 webhook_url=None if args.webhook_url in (None, "", "none") else args.webhook_url,
+                                 webhook_shape=args.webhook_shape)
     return serve_until_signalled(sandbox, "salesrender sandbox", args.state_file)
 
 

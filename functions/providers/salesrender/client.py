@@ -70,6 +70,20 @@ query Order($ids: [ID!]) {
 }"""
 
 
+# The whole order, for the order webhook (R-21): the webhook's body is only a hint, this is the truth.
+ORDER_DETAILS = """
+query OrderDetails($ids: [ID!]) {
+  ordersFetcher(pagination: {pageNumber: 1, pageSize: 1}, filters: {include: {ids: $ids}}) {
+    orders {
+      id status { id name group } project { id }
+      data { phoneFields { field value } humanNameFields { field value { firstName lastName } }
+             stringFields { field value } }
+      source { refererUri utm_source utm_medium utm_campaign utm_content utm_term }
+    }
+  }
+}"""
+
+
 class SalesRenderError(Exception):
     def __init__(self, message: str, *, code: str, transient: bool, status: int | None = None):
         super().__init__(message)
@@ -85,16 +99,18 @@ class SalesRenderClient:
         # Reads and updates (idempotent) may retry a 503 inline; creating an order must not happen
         # twice, so addOrder retries only what surely did not land (refused, 429): a 503 may come
         # from a proxy after SalesRender acted. Everything else is retried by the worker.
-        self._session = session or http.session(http.connect_only_retry())
-        self._create_session = session or http.session(http.connect_only_retry(statuses=(429,)))
+        self._session = session or http.session(http.connect_only_retry(), limiter=http.limiter("salesrender"))
+        self._create_session = session or http.session(http.connect_only_retry(statuses=(429,)),
+                                                       limiter=http.limiter("salesrender"))
 
-    def execute(self, query: str, variables: dict | None = None, *, session: requests.Session | None = None) -> dict:
+    def execute(self, query: str, variables: dict | None = None, *, session: requests.Session | None = None,
+                timeout: tuple[float, float] | None = None) -> dict:
         try:
             response = (session or self._session).post(
                 self.url,
                 json={"query": query, "variables": variables or {}},
                 headers={"Authorization": self._token, "Accept": "application/json"},
-                timeout=TIMEOUT,
+                timeout=timeout or TIMEOUT,  # read at call time: tests and callers may change TIMEOUT
             )
         except requests.RequestException as exc:
             raise SalesRenderError(f"SalesRender unreachable: {type(exc).__name__}", code="NETWORK",
@@ -134,6 +150,15 @@ class SalesRenderClient:
     def get_order(self, order_id: str) -> dict | None:
         orders = self.execute(GET_ORDER, {"ids": [str(order_id)]})["ordersFetcher"]["orders"]
         return orders[0] if orders else None
+
+    def read_order(self, order_id: str, timeout: tuple[float, float] | None = None) -> dict | None:
+        """The whole order (status, project, data, source) by id, or None when SalesRender has no such order.
+        An answer naming another order (a filter the server ignored) counts as none, never as this one."""
+        fetched = self.execute(ORDER_DETAILS, {"ids": [str(order_id)]}, timeout=timeout).get("ordersFetcher") or {}
+        orders = fetched.get("orders")
+        if not isinstance(orders, list):
+            raise SalesRenderError("ordersFetcher answered without orders", code="NO_ORDERS", transient=True)
+        return next((o for o in orders if isinstance(o, dict) and str(o.get("id")) == str(order_id)), None)
 
     def find_order(self, match: Callable[[dict], bool]) -> str | None:
         """The id of the first of the newest orders that `match`es, or None (SalesRenderError when

@@ -6,7 +6,10 @@ The recordings queue carries two jobs, both safe to repeat (`process` is its han
   missing file is `Transient` (the queue backs off: 30 s doubling) for RECORDING_WAIT after the call
   ended; after that the call is marked `recording_state="missing"` and the write-back goes ahead
   anyway. The file is stored privately (SSE AES256) and the call gets its stable app link.
-- `{"job": "writeback", "call_id"}`: the lead's call log to the CRM (write_back.write_back).
+- `{"job": "writeback", "call_id"}`: the lead's call log to the CRM (write_back.write_back). Every finished
+  call passes here (the recording job ends in it, unanswered calls start with it), so this job also hands
+  the call to the `cdrs` queue when the company has the SalesRender PBX plugin registered (crm/cdr.py sends
+  it; this module only queues: postcall never imports crm). Calls never placed (not_dialled) get no CDR.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from functions.core.phones import InvalidPhone, national_digits
 from functions.core.queues import Poison, Transient
 from functions.postcall import recording_links, write_back
 from functions.providers.beeline import client as beeline
-from functions.records import calls
+from functions.providers.salesrender.company import company_id
+from functions.records import calls, plugins
 
 # Beeline publishes files minutes late: keep asking this long after the call ended.
 RECORDING_WAIT = dt.timedelta(minutes=30)
@@ -41,6 +45,7 @@ def process(message: dict) -> None:
     if job == "recording":
         fetch_recording(call_id)
     elif job == "writeback":
+        queue_cdr(call_id)  # before the write-back: a write-back that fails for good must not cost the CDR
         write_back.write_back(call_id)
     else:
         raise Poison(f"unknown job {job!r}", code="unknown_job")
@@ -168,3 +173,16 @@ def _queue_writeback(call_id: str, call: dict) -> None:
         return
     queues.send("recordings", {"job": "writeback", "call_id": call_id})
     calls.flag_once(call_id, "writeback_queued")
+
+
+def queue_cdr(call_id: str) -> bool:
+    """Queue the call's CDR job once (sent, then flagged: a crash in between queues it twice, and the CDR
+    worker sends a call's CDR once). True when this queued it."""
+    call = calls.get(call_id)
+    if call is None or call.get("cdr_queued") or call.get("state") != "ended" or call.get("outcome") == "not_dialled":
+        return False
+    if not plugins.registered(company_id()):
+        return False
+    queues.send("cdrs", {"call_id": call_id, "attempt": 1, "first_at": times.now_iso()})
+    calls.flag_once(call_id, "cdr_queued")
+    return True

@@ -15,7 +15,8 @@ from functions.core.config import Offer
 from functions.core.observability import logger, metric
 from functions.core.queues import Poison, Transient
 from functions.providers.salesrender import client as salesrender
-from functions.records import calls, leads
+from functions.providers.salesrender.company import company_id
+from functions.records import calls, leads, plugins
 
 SHORT_CALL_SECONDS = 60  # seed §2.4.3
 CALL_LOG_MAX_CHARS = 4000  # the same cap as the order comment (providers/salesrender/orders.py)
@@ -65,10 +66,20 @@ def _write_call_log_field(log: CallLog) -> None:
     })
 
 
+def call_log_switched_on() -> bool:
+    """`crm.call_log_write_back`: "always", "never", or "auto" = only while the company has no PBX plugin
+    registered (its CDRs, crm/cdr.py, then show every call in the lead card)."""
+    mode = config.load().crm.call_log_write_back
+    if mode == "auto":
+        return not plugins.registered(company_id())
+    return mode == "always"
+
+
 def sinks() -> list[Sink]:
-    """The write-back sinks. Today the GraphQL call-log string field; the PBX plugin's CDRs (R-20)
-    belong beside it as a second Sink (enabled when the plugin is registered for the company)."""
-    return [Sink("call_log_field", lambda offer: bool(offer.salesrender.fields.call_log), _write_call_log_field)]
+    """The write-back sinks: the GraphQL call-log string field, unless switched off (`call_log_switched_on`).
+    The PBX plugin's CDRs go their own way (the cdrs queue), queued by the recorder."""
+    return [Sink("call_log_field", lambda offer: bool(offer.salesrender.fields.call_log) and call_log_switched_on(),
+                 _write_call_log_field)]
 
 
 def _zone_label(moment: dt.datetime) -> str:
@@ -139,7 +150,8 @@ def write_back(call_id: str) -> str:
     log = {"call_id": call_id, "lead_id": lead_id, "offer_id": offer.id}
     active = [s for s in sinks() if s.enabled(offer)]
     if not active:
-        logger.info("no write-back configured for the offer (salesrender.fields.call_log): skipped", extra=log)
+        logger.info("no write-back for the offer (salesrender.fields.call_log unset, or crm.call_log_write_back "
+                    "off): skipped", extra=log)
         return "no_sink"
     order_id = lead.get("order_id")
     if not order_id and lead.get("source") == "api" and lead.get("order_via") != "intake":

@@ -36,9 +36,10 @@ import pytest
 from chalice.test import Client
 from moto import mock_aws
 
-from infra.local import moto_atomic
+from infra.local import moto_atomic, moto_transactions
 
 moto_atomic.patch()  # DynamoDB's conditional writes are atomic; moto's are not without this
+moto_transactions.patch()  # a transaction's rollback copies its items, not the whole table (records/daily.py)
 
 TILDA_KEY = os.environ["TILDA_API_KEY"]
 EVENTS = ROOT / "events"
@@ -288,7 +289,7 @@ def receive(kind: str, dlq: bool = False, wait: int = 0, max_messages: int = 10)
 
     return resources.client("sqs").receive_message(
         QueueUrl=resources.queue_url(kind, dlq=dlq), MaxNumberOfMessages=max_messages, WaitTimeSeconds=wait,
-        AttributeNames=["All"], MessageAttributeNames=["All"], VisibilityTimeout=30,
+        AttributeNames=["All"], MessageAttributeNames=["All"], VisibilityTimeout=120,
     ).get("Messages", [])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 
 from functions.core import resources, store, times
-from functions.records import retention
+from functions.records import daily, leads, retention
 
 CALL_NAMESPACE = uuid.UUID("0c5d1e2a-3b4f-4a6b-9c8d-7e6f5a4b3c2d")
 STATES = ("queued", "dialing", "ringing", "talking", "ended")
@@ -45,19 +45,50 @@ def get(call_id: str) -> dict | None:
 
 def claim(call_id: str, attributes: dict) -> bool:
     """Move the call to "dialing" if nobody has: absent (automatic callback) or "queued" (created by
-    POST /v1/calls). Exactly one concurrent caller gets True."""
-    return store.update(
-        _key(call_id), {**attributes, "call_id": call_id, "state": "dialing", "ttl": retention.ttl()},
-        condition="attribute_not_exists(pk) OR #state = :queued", names={"#state": "state"},
-        values={":queued": "queued"},
-    )
+    POST /v1/calls). Exactly one concurrent caller gets True. The same transaction counts the call as
+    placed on its day (`counted_day`) and, for the lead's first call, the speed-to-lead sample."""
+    changes = {**attributes, "call_id": call_id, "state": "dialing", "ttl": retention.ttl()}
+    claimable = {"condition": "attribute_not_exists(pk) OR #state = :queued", "names": {"#state": "state"},
+                 "values": {":queued": "queued"}}
+    offer_id = attributes.get("offer_id")
+    if not isinstance(offer_id, int) or isinstance(offer_id, bool):
+        return store.update(_key(call_id), changes, **claimable)
+    dialing_at = attributes.get("dialing_at") or times.now_iso()
+    changes["counted_day"] = day = daily.day_of(offer_id, dialing_at)
+    lead_id = attributes.get("lead_id")
+    lead = leads.get(lead_id) if isinstance(lead_id, str) else None
+    speed = daily.seconds_between((lead or {}).get("created_at"), dialing_at)
+    if lead is not None and speed is not None and lead.get("first_dialled_call") in (None, call_id):
+        marker = daily.tx_update(
+            leads.key(lead_id), {"first_dialled_call": call_id, "first_dialled_at": dialing_at},
+            condition="attribute_exists(pk) AND (attribute_not_exists(#first) OR #first = :call)",
+            names={"#first": "first_dialled_call"}, values={":call": call_id})
+        failed = daily.write(daily.tx_update(_key(call_id), {**changes, "counted_speed_s": speed}, **claimable),
+                             daily.tx_count(offer_id, day, {"calls": 1, **daily.speed_sample(speed)}), also=marker)
+        if 0 in failed or not failed:
+            return not failed
+        # Another call of this lead was claimed first (a race since the read): this one is no first call.
+    return not daily.write(daily.tx_update(_key(call_id), changes, **claimable),
+                           daily.tx_count(offer_id, day, {"calls": 1}))
 
 
 def unclaim(call_id: str) -> bool:
-    """Back to "queued" after an originate that surely never reached Beeline, so a retry may dial."""
-    return store.update(_key(call_id), {"state": "queued"}, condition="#state = :dialing",
-                        names={"#state": "state"}, values={":dialing": "dialing"},
-                        remove=("operator", "channel_slot", "dialing_at"))
+    """Back to "queued" after an originate that surely never reached Beeline, so a retry may dial. The
+    claim's counts are taken back in the same transaction (the retry's claim counts the call again)."""
+    remove = ("operator", "channel_slot", "dialing_at", "counted_day", "counted_speed_s")
+    call = get(call_id) or {}
+    day, offer_id = call.get("counted_day"), call.get("offer_id")
+    if not day or not isinstance(offer_id, int) or call.get("state") != "dialing":
+        return store.update(_key(call_id), {"state": "queued"}, condition="#state = :dialing",
+                            names={"#state": "state"}, values={":dialing": "dialing"}, remove=remove)
+    adds = {"calls": -1}
+    if call.get("counted_speed_s") is not None:
+        adds.update(daily.speed_sample(float(call["counted_speed_s"]), sign=-1))
+    return not daily.write(
+        daily.tx_update(_key(call_id), {"state": "queued"}, condition="#state = :dialing AND #day = :day",
+                        names={"#state": "state", "#day": "counted_day"}, values={":dialing": "dialing", ":day": day},
+                        remove=remove),
+        daily.tx_count(offer_id, day, adds))
 
 
 def settle_not_dialled(call_id: str, reason: str, attributes: dict) -> bool:
@@ -82,13 +113,49 @@ def progress(call_id: str, **changes) -> bool:
 
 
 def finish(call_id: str, outcome: str, **changes) -> bool:
-    """Mark the call ended with its outcome, once: a second finish (duplicate events) is False."""
+    """Mark the call ended with its outcome, once: a second finish (duplicate events) is False. The same
+    transaction adds the call's outcome to its day's counters and puts it on the recent-calls feed."""
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
-    return store.update(_key(call_id), {**changes, "state": "ended", "outcome": outcome, "ended_at":
-                                        changes.get("ended_at") or times.now_iso()},
-                        condition="attribute_exists(pk) AND #state <> :ended", names={"#state": "state"},
-                        values={":ended": "ended"})
+    fields = {**changes, "state": "ended", "outcome": outcome, "ended_at": changes.get("ended_at") or times.now_iso()}
+    for _ in range(3):  # the counts are computed from a read: a change since then means read again
+        call = get(call_id)
+        if call is None or call.get("state") == "ended":
+            return False
+        offer_id = call.get("offer_id")
+        if not isinstance(offer_id, int) or isinstance(offer_id, bool):
+            return store.update(_key(call_id), fields, condition="attribute_exists(pk) AND #state <> :ended",
+                                names={"#state": "state"}, values={":ended": "ended"})
+        ended = {**call, **fields, "call_id": call_id}
+        day, adds = _finish_counts(offer_id, ended)
+        values = {":ended": "ended"}
+        if call.get("counted_day"):
+            same_claim, values[":day"] = "#day = :day", call["counted_day"]
+        else:
+            same_claim = "attribute_not_exists(#day)"
+        fact = daily.tx_update(_key(call_id), fields,
+                               condition=f"attribute_exists(pk) AND #state <> :ended AND {same_claim}",
+                               names={"#state": "state", "#day": "counted_day"}, values=values)
+        feed = daily.tx_recent(ended, retention.ttl())
+        if not daily.write(fact, daily.tx_count(offer_id, day, adds), also=feed, also_put=True):
+            daily.trim_recent()
+            return True
+    return False
+
+
+def _finish_counts(offer_id: int, call: dict) -> tuple[str, dict]:
+    """The day and the counters an ended call adds (an outbound call's day is its claim's)."""
+    answered = call["outcome"] == "answered"
+    talk = int(call.get("talk_seconds") or 0) if answered else 0
+    if call.get("direction") == "inbound":
+        return daily.day_of(offer_id, call.get("created_at")), {
+            "inbound_calls": 1, "inbound_answered": int(answered), "inbound_talk_seconds": talk}
+    adds = {f"outcome_{call['outcome']}": 1, "answered": int(answered), "talk_seconds": talk,
+            "calls_over_60s": int(talk > daily.OVER_SECONDS)}
+    day = call.get("counted_day")
+    if not day:  # claimed before the counts existed: counted as placed now, on the day it was dialled
+        day, adds["calls"] = daily.day_of(offer_id, call.get("dialing_at") or call.get("created_at")), 1
+    return day, adds
 
 
 def flag_once(call_id: str, flag: str) -> bool:

@@ -14,7 +14,7 @@ import uuid
 
 from functions.core import resources, store, times
 from functions.core.text import clip
-from functions.records import retention
+from functions.records import daily, retention
 
 LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
 REJECTED_TTL_SECONDS = 30 * 86400
@@ -29,10 +29,22 @@ def _key(lead_id: str) -> dict:
     return {"pk": f"LEAD#{lead_id}", "sk": "LEAD"}
 
 
+def key(lead_id: str) -> dict:
+    """The lead item's key, for a transaction another record module writes together with it."""
+    return _key(lead_id)
+
+
 def create(lead: dict) -> bool:
     """Store a new lead unless one with that id exists. True when this call created it. It expires
-    (`ttl`) after the configured data retention."""
-    return store.put_new(_key(lead["lead_id"]), {**lead, "ttl": retention.ttl()})
+    (`ttl`) after the configured data retention. The day's `leads` counter (records/daily.py) is added
+    in the same transaction, so a duplicate submission counts nothing."""
+    item = {**lead, "ttl": retention.ttl()}
+    offer_id = lead.get("offer_id")
+    if not isinstance(offer_id, int) or isinstance(offer_id, bool):
+        return store.put_new(_key(lead["lead_id"]), item)  # no offer, no day to count it on
+    adds = {"leads": 1, f"leads_{lead.get('source') or 'unknown'}": 1}
+    count = daily.tx_count(offer_id, daily.day_of(offer_id, lead.get("created_at")), adds)
+    return not daily.write(daily.tx_put(_key(lead["lead_id"]), item, new=True), count, put=True)
 
 
 def get(lead_id: str) -> dict | None:

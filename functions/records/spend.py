@@ -11,7 +11,7 @@ import datetime as dt
 from zoneinfo import ZoneInfo
 
 from functions.core import config, resources, store, times
-from functions.records import calls
+from functions.records import calls, daily
 
 
 def month(now: dt.datetime | None = None) -> str:
@@ -39,7 +39,8 @@ def add(rub: float, yyyy_mm: str | None = None) -> float:
 def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None) -> bool:
     """Add a call's cost to the month and mark the call `cost_counted`, in one transaction: both or
     neither, so a crash never loses the cost and a retry (also after a lost answer) never counts it
-    twice. True when this call counted it, False when it had been counted before."""
+    twice. True when this call counted it, False when it had been counted before. The call's day
+    (records/daily.py, the day it was dialled) gets the cost in the same transaction."""
     from boto3.dynamodb.types import TypeSerializer
     from botocore.exceptions import ClientError
 
@@ -58,6 +59,12 @@ def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None) -> bool:
         "ExpressionAttributeNames": {"#flag": "cost_counted"},
         "ExpressionAttributeValues": {":at": typed(times.now_iso())},
     }
+    call = calls.get(call_id) or {}
+    offer_id = call.get("offer_id")
+    if isinstance(offer_id, int) and not isinstance(offer_id, bool):
+        day = call.get("counted_day") or daily.day_of(offer_id, call.get("dialing_at") or call.get("created_at"))
+        return not daily.write(flag_update, daily.tx_count(offer_id, day, {"cost_rub": round(rub, 2)}),
+                               also=spend_update)
     try:
         resources.client("dynamodb").transact_write_items(
             TransactItems=[{"Update": spend_update}, {"Update": flag_update}])

@@ -20,7 +20,9 @@ from infra import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run by a person with their own credentials, never by a Lambda function.
-OPERATOR_TOOLS = {"functions/core/replay_dlq.py"}
+# The doctor (make doctor, and the last step of make deploy) reads the stack, the bucket and the queues with
+# the operator's credentials; what it reaches through domain modules is the functions' own calls, granted.
+OPERATOR_TOOLS = {"functions/core/replay_dlq.py", "functions/insight/doctor.py"}
 PLATFORM = {
     "logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",  # Lambda writes the function's logs
     "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes",  # event-source mappings poll as the role

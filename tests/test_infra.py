@@ -342,3 +342,96 @@ def test_policy_grants_what_the_app_needs_on_its_own_stage_only(stage, other):
         assert not any(a.startswith("cloudwatch:") for a in actions)  # metrics go out as EMF in logs
     (kms,) = [s for s in policy["Statement"] if s["Action"] == ["kms:Decrypt"]]
     assert kms["Condition"] == {"StringLike": {"kms:ViaService": "ssm.*.amazonaws.com"}}
+
+
+# --- CloudWatch: alarms and the dashboard (issue 11 item 4) -----------------------------------------------
+
+
+def _app_handlers() -> list[str]:
+    """The event handlers of app.py (each its own Lambda function, callbridge-<stage>-<name>)."""
+    import re
+
+    text = (ROOT / "app.py").read_text(encoding="utf-8")
+    return re.findall(r"@app\.(?:on_\w+|schedule|lambda_function)\((?:[^()]|\([^()]*\))*\)\s*\ndef (\w+)", text)
+
+
+def _alarms() -> dict[str, dict]:
+    return {name: r["Properties"] for name, r in stack.load_template()["Resources"].items()
+            if r["Type"] == "AWS::CloudWatch::Alarm"}
+
+
+def _emitted_metrics() -> dict[str, set[frozenset]]:
+    """metric name -> the sets of extra dimension names functions/ emits it with (`metric("Name", ..., dim=...)`)."""
+    import ast
+
+    found: dict[str, set[frozenset]] = {}
+    for path in (ROOT / "functions").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "metric"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                dims = frozenset(k.arg for k in node.keywords if k.arg not in ("unit", None))
+                found.setdefault(node.args[0].value, set()).add(dims)
+    return found
+
+
+def test_every_handler_of_the_app_has_an_errors_alarm():
+    handlers = _app_handlers()
+    assert {"intake_worker", "callback_worker", "subscription_keeper"} <= set(handlers)
+    watched = {a["Dimensions"][0]["Value"]["Fn::Sub"] for a in _alarms().values()
+               if a.get("Namespace") == "AWS/Lambda" and a["MetricName"] == "Errors"}
+    # The API's function is callbridge-<stage>; every other one callbridge-<stage>-<handler>.
+    assert watched == {"callbridge-${Stage}"} | {f"callbridge-${{Stage}}-{h}" for h in handlers}, \
+        "add (or remove) the handler's <Name>ErrorsAlarm in infra/template.yaml"
+
+
+def test_the_app_metric_alarms_watch_what_the_code_emits_with_its_dimensions():
+    import re
+
+    emitted = _emitted_metrics()
+    app_alarms = [a for a in _alarms().values() if a.get("Namespace") == "callbridge" or "Metrics" in a]
+    names = set()
+    for alarm in app_alarms:
+        if "Metrics" in alarm:  # a Metrics Insights query: SELECT SUM(M) FROM SCHEMA(callbridge, d1, stage) ...
+            query = alarm["Metrics"][0]["Expression"]["Fn::Sub"]
+            pattern = r"SELECT SUM\((\w+)\) FROM SCHEMA\(([^)]*)\) WHERE stage = '\$\{Stage\}'"
+            metric_name, schema = re.fullmatch(pattern, query).groups()
+            namespace, *dims = [part.strip() for part in schema.split(",")]
+            assert namespace == "callbridge"
+        else:
+            metric_name, dims = alarm["MetricName"], [d["Name"] for d in alarm["Dimensions"]]
+            assert alarm["Dimensions"][0] == {"Name": "stage", "Value": {"Ref": "Stage"}}
+        names.add(metric_name)
+        assert "stage" in dims
+        assert frozenset(dims) - {"stage"} in emitted.get(metric_name, set()), (metric_name, dims)
+    assert {"ProviderAuthFailed", "SubscriptionRenewFailed", "BudgetUsedPercent", "ChannelsBusyPercent",
+            "ConfigErrors"} <= names
+
+
+def test_the_budget_channel_and_config_alarms_have_their_thresholds():
+    alarms = {a["AlarmName"]["Fn::Sub"].removeprefix("callbridge-${Stage}-"): a for a in _alarms().values()}
+    assert (alarms["budget-80-percent"]["Threshold"], alarms["budget-100-percent"]["Threshold"]) == (80, 100)
+    assert alarms["channels-80-percent"]["Threshold"] == 80
+    for name in ("budget-80-percent", "budget-100-percent", "channels-80-percent"):
+        assert alarms[name]["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert (alarms["config-error"]["Period"], alarms["config-error"]["EvaluationPeriods"]) == (60, 1)  # at once
+    assert {alarms[f"{p}-token-rejected"]["Dimensions"][1]["Value"] for p in ("beeline", "salesrender")} == {
+        "beeline", "salesrender"}
+    for alarm in alarms.values():
+        assert alarm["AlarmActions"] == [{"Ref": "AlertsTopic"}]
+
+
+def test_the_dashboard_is_json_and_shows_every_alarm():
+    import re
+
+    (dashboard,) = [r["Properties"] for r in stack.load_template()["Resources"].values()
+                    if r["Type"] == "AWS::CloudWatch::Dashboard"]
+    assert dashboard["DashboardName"] == {"Fn::Sub": "callbridge-${Stage}"}
+    text = dashboard["DashboardBody"]["Fn::Sub"]
+    assert set(re.findall(r"\$\{([^}]+)\}", text)) <= {"Stage", "AWS::Region", "AWS::AccountId", "AWS::Partition"}
+    body = json.loads(re.sub(r"\$\{[^}]+\}", "x", text))
+    (alarm_widget,) = [w for w in body["widgets"] if w["type"] == "alarm"]
+    shown = {arn.rsplit(":alarm:callbridge-x-", 1)[1] for arn in alarm_widget["properties"]["alarms"]}
+    assert shown == {a["AlarmName"]["Fn::Sub"].removeprefix("callbridge-${Stage}-") for a in _alarms().values()}
+    emitted = _emitted_metrics()
+    for name in re.findall(r'MetricName=\\"(\w+)\\"', text) + re.findall(r'\["callbridge", "(\w+)"', text):
+        assert name in emitted, f"the dashboard shows {name}, which functions/ never emits"

@@ -1,9 +1,18 @@
-"""Logging and metrics through Powertools: JSON logs with every phone number masked (R-9), EMF metrics."""
+"""Logging and metrics through Powertools: JSON logs with every phone number masked (R-9), EMF metrics.
+
+Metrics are buffered per handler invocation and flushed once when it ends (`invocation_context`): one EMF
+document per dimension set instead of one print per metric. Outside an invocation (a CLI, a test calling
+code directly) a metric is written at once. Every metric carries the dimension `stage`; Powertools'
+`service` dimension is left out (the namespace already says callbridge), so the alarms of
+infra/template.yaml name exact dimension sets.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
+import sys
 import threading
 
 from aws_lambda_powertools import Logger
@@ -58,19 +67,74 @@ def invocation_context(handler):
             function_memory_size=getattr(context, "memory_limit_in_mb", None),
             function_arn=getattr(context, "invoked_function_arn", None),
             function_request_id=getattr(context, "aws_request_id", None))
+        token = _metrics.set({}) if _metrics.get() is None else None  # an inner invocation shares the outer's
         try:
             return handler(event, context, *args, **kwargs)
+        except Exception as exc:
+            if is_config_error(exc):
+                report_config_error(exc, name)
+            raise
         finally:
+            if token is not None:
+                flush_metrics(_metrics.get())
+                _metrics.reset(token)
             logger.thread_safe_remove_keys(_CONTEXT_KEYS)
 
     return wrapper
 
 
-def metric(name: str, value: float = 1, unit: str = "Count", **dimensions: str) -> None:
-    """Emit one EMF metric now (no decorator needed, so it works in routes and workers alike)."""
-    from aws_lambda_powertools.metrics import MetricUnit, single_metric  # deferred: not on every path
+# The metrics of the running invocation, by dimension set (None: not inside one, so write at once). A context
+# variable, not a global: the local runner and `chalice local` run several invocations at once in threads.
+_metrics: contextvars.ContextVar[dict | None] = contextvars.ContextVar("callbridge_metrics", default=None)
 
-    with single_metric(name=name, unit=getattr(MetricUnit, unit), value=value, namespace=NAMESPACE) as m:
-        m.add_dimension(name="stage", value=os.environ.get("CALLBRIDGE_STAGE", "dev"))
-        for key, dim in dimensions.items():
-            m.add_dimension(name=key, value=str(dim))
+
+def metric(name: str, value: float = 1, unit: str = "Count", **dimensions: str) -> None:
+    """Record one EMF metric (no decorator needed, so it works in routes and workers alike); flushed when the
+    invocation ends, or at once outside one."""
+    from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit  # deferred: not on every path
+
+    dims = {"stage": os.environ.get("CALLBRIDGE_STAGE", "dev"), **{k: str(v) for k, v in dimensions.items()}}
+    buffer = _metrics.get()
+    key = tuple(dims.items())
+    metrics = buffer.get(key) if buffer is not None else None
+    if metrics is None:
+        metrics = EphemeralMetrics(namespace=NAMESPACE, service="")  # "": no `service` dimension
+        for dim_name, dim_value in dims.items():
+            metrics.add_dimension(name=dim_name, value=dim_value)
+        if buffer is not None:
+            buffer[key] = metrics
+    metrics.add_metric(name=name, unit=getattr(MetricUnit, unit), value=value)
+    if buffer is None:
+        flush_metrics({key: metrics})
+
+
+def flush_metrics(buffer: dict | None) -> None:
+    """Print the buffered EMF documents; a failure here never fails the invocation's work."""
+    for metrics in (buffer or {}).values():
+        try:
+            metrics.flush_metrics()
+        except Exception as exc:  # noqa: BLE001 - a bad metric must not turn a handled message into a retry
+            logger.warning("metrics not flushed", extra={"error": str(exc)})
+    if buffer:
+        buffer.clear()
+
+
+def is_config_error(exc: BaseException) -> bool:
+    # Looked up, not imported: the configuration module (pydantic, yaml) stays off paths that never load it,
+    # and one that was never imported cannot have raised.
+    config = sys.modules.get("functions.core.config")
+    return config is not None and isinstance(exc, config.ConfigError)
+
+
+def report_config_error(exc: BaseException, where: str | None) -> None:
+    """A broken configuration reached a handler: a loud log line naming the key and the ConfigErrors metric
+    (its alarm fires at once). Once per exception, however many layers see it."""
+    if getattr(exc, "_callbridge_reported", False):
+        return
+    try:
+        exc._callbridge_reported = True  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    logger.error("configuration error: fix the configuration document (CALLBRIDGE_CONFIG) and deploy; "
+                 "work waits and is retried", extra={"where": where, "error": str(exc)})
+    metric("ConfigErrors")

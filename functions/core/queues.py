@@ -11,6 +11,8 @@ partial-batch answer would be ignored and failed records deleted). A handler's o
   as message attributes, and the original is acknowledged. The queue's own redrive policy
   (maxReceiveCount 25 in infra/template.yaml) stays as the net for crashes that skip all of this.
 `python -m functions.core.replay_dlq <queue>` (`make replay-dlq`) re-drives a DLQ.
+A `ConfigError` (the configuration document is invalid) is retried like a transient error, so a fixed
+document lets the message through, and emits `ConfigErrors` at once: its alarm is the loud part (issue 12).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import random
 
 from functions.core import resources
-from functions.core.observability import logger, metric
+from functions.core.observability import is_config_error, logger, metric, report_config_error
 
 MAX_RECEIVES = 20  # 2+4+...+512 s, then 900 s: 10,022 s (2.8 h) before the last delivery, < maxReceiveCount 25
 BACKOFF_BASE_SECONDS = 2
@@ -85,9 +87,15 @@ def run(kind: str, record, handler) -> None:
     except Poison as exc:
         _park(kind, record.body, str(exc), exc.code, receive_count, message_id)
     except Exception as exc:
+        config_error = is_config_error(exc)
+        if config_error:
+            # A broken configuration document: alarm at once (ConfigErrors), but keep the message: once the
+            # document is fixed and deployed, the next delivery goes through. Parked only when it outlasts the
+            # retries, with a reason that says so (replay it after the fix).
+            report_config_error(exc, f"queue {kind}")
         if receive_count >= MAX_RECEIVES:
-            _park(kind, record.body, f"gave up after {receive_count} tries: {exc}", "exhausted", receive_count,
-                  message_id)
+            _park(kind, record.body, f"gave up after {receive_count} tries: {exc}", "config" if config_error
+                  else "exhausted", receive_count, message_id)
             return
         delay = backoff_seconds(receive_count)
         logger.warning(

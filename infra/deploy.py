@@ -14,8 +14,9 @@
    Existing ones are never overwritten and no value is ever printed;
 4. writes the stack outputs into stages.<stage>.environment_variables of .chalice/config.json and the
    stage's IAM policy (.chalice/policy-<stage>.json) generated from those outputs;
-5. `chalice package` into a scratch directory and checks that every function is wired to this stage's
-   queues, names and policy, then `chalice deploy --stage <stage>`;
+5. `chalice package` into a scratch directory, byte-compiles the zip (compile_package: .pyc files for the
+   runtime's Python with unchecked hashes, also in the cached zip that `chalice deploy` uploads) and checks
+   that every function is wired to this stage's queues, names and policy, then `chalice deploy --stage <stage>`;
 6. puts the API URL into the stage's environment as PUBLIC_BASE_URL (subscription URL, recording links)
    and deploys again when it changed (only on the first run, or after the API was recreated);
 7. applies what Chalice cannot express (log retention of the functions' log groups), runs the doctor
@@ -57,6 +58,7 @@ GENERATED_SECRETS = (
     "SALESRENDER_WEBHOOK_SECRET",
     "CALLBRIDGE_API_TOKEN",
     "RECORDING_LINK_SECRET",
+    "PLUGIN_ENCRYPTION_KEY",  # encrypts the SalesRender plugin's HPT secret in the state table
 )
 # Secrets a provider issues: taken from the environment variable of the same name, or asked for.
 PROVIDER_SECRETS = {
@@ -77,6 +79,7 @@ GRANTS = (
     ("ReadWriteRecordings", ("s3:GetObject", "s3:PutObject"), "bucket_objects"),
     ("ReadStageSecrets", ("ssm:GetParameter",), "ssm_parameters"),
     ("DecryptSecureStringsThroughSsm", ("kms:Decrypt",), "kms_via_ssm"),
+    ("PublishOwnerAlerts", ("sns:Publish",), "alerts_topic"),  # calling/alerts.py (R-23)
 )
 
 
@@ -324,6 +327,7 @@ def _arns(stage: str, outputs: dict[str, str], account: str, region: str, partit
         "bucket_objects": [f"arn:{partition}:s3:::{outputs['RecordingsBucketName']}/*"],
         "ssm_parameters": [f"arn:{partition}:ssm:{region}:{account}:parameter/callbridge/{stage}/*"],
         "kms_via_ssm": [f"arn:{partition}:kms:{region}:{account}:key/*"],
+        "alerts_topic": [outputs["AlertsTopicArn"]],
     }
 
 
@@ -367,6 +371,10 @@ def chalice_environment(environ: dict, stage_env: dict[str, str]) -> dict[str, s
 def run_chalice(project_dir: Path, args: list[str], env: dict[str, str], timeout: float = 900) -> None:
     # sys.exit(main()): chalice.cli.main returns its exit status instead of exiting with it.
     command = [sys.executable, "-c", "import sys; from chalice.cli import main; sys.exit(main())", *args]
+    # Chalice's zip cache key hashes vendor/ (functions/ with its __pycache__): a .pyc written by Chalice's own
+    # import of app.py would change it between `chalice package` (whose zip gets compiled modules, see
+    # compile_package) and `chalice deploy`, which uploads that cached zip only while the key is unchanged.
+    env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(command, cwd=project_dir, env=env, capture_output=True, text=True,  # noqa: S603
                             timeout=timeout, check=False)
     if result.returncode != 0:
@@ -423,12 +431,68 @@ def check_stage_package(sam: dict, stage: str, stage_env: dict[str, str], policy
         raise DeployError(f"chalice package is not wired to stage {stage}:\n  " + "\n  ".join(problems))
 
 
+def compile_package(zip_path: Path, runtime: str) -> int:
+    """Byte-compile every module of a Lambda zip in place; returns how many .pyc files it now holds.
+
+    Lambda's /var/task is read-only, so without .pyc files every cold start compiles each imported source
+    (~1,200 in the package). They are built for the runtime's Python (this interpreter, checked against the
+    functions' Runtime) with unchecked hashes: Lambda's unzip gives no trustworthy source mtimes, and the
+    package never changes under them. Whatever __pycache__ the source tree had (vendor/ follows functions/)
+    is dropped first: those were compiled by whichever Python ran the tests, against other sources.
+    """
+    import importlib.util
+    import py_compile
+    import zipfile
+
+    here = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if runtime != here:
+        raise DeployError(f"the functions run {runtime} but the package is built with {here}: "
+                          f"compiled modules would not load (use a {runtime} virtual environment)")
+    compiled = 0
+    with tempfile.TemporaryDirectory(prefix="callbridge-pyc-") as scratch:
+        root = Path(scratch)
+        tmp = zip_path.with_name(zip_path.name + ".tmp")
+        with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                if "__pycache__/" in info.filename or info.filename.endswith((".pyc", ".pyo")):
+                    continue
+                data = src.read(info)
+                dst.writestr(info, data)
+                if not info.filename.endswith(".py"):
+                    continue
+                source = root / info.filename
+                source.parent.mkdir(parents=True, exist_ok=True)
+                source.write_bytes(data)
+                cfile = Path(importlib.util.cache_from_source(str(source)))
+                try:
+                    py_compile.compile(str(source), cfile=str(cfile), dfile=info.filename, doraise=True,
+                                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                except py_compile.PyCompileError:
+                    continue  # a data file named .py (templates, py2-only test data): Lambda never imports it
+                pyc = zipfile.ZipInfo(cfile.relative_to(root).as_posix(), date_time=info.date_time)
+                pyc.external_attr = 0o644 << 16
+                pyc.compress_type = zipfile.ZIP_DEFLATED
+                dst.writestr(pyc, cfile.read_bytes())
+                compiled += 1
+        os.replace(tmp, zip_path)
+    return compiled
+
+
 def package(project_dir: Path, stage: str, env: dict[str, str], out_dir: Path) -> dict:
     shutil.rmtree(project_dir / ".chalice" / "deployments", ignore_errors=True)  # Chalice caches stale zips
     if out_dir.exists():
         shutil.rmtree(out_dir)
     run_chalice(project_dir, ["package", "--stage", stage, str(out_dir)], env)
-    return json.loads((out_dir / "sam.json").read_text(encoding="utf-8"))
+    sam = json.loads((out_dir / "sam.json").read_text(encoding="utf-8"))
+    runtimes = {r["Properties"].get("Runtime") for r in sam["Resources"].values()
+                if r["Type"] == "AWS::Serverless::Function"}
+    if len(runtimes) != 1:
+        raise DeployError(f"chalice package: the functions have runtimes {sorted(map(str, runtimes))}, expected one")
+    [runtime] = runtimes
+    # The deployment.zip of the template and Chalice's cached zip, which `chalice deploy` uploads, alike.
+    for zip_path in [out_dir / "deployment.zip", *sorted((project_dir / ".chalice" / "deployments").glob("*.zip"))]:
+        compile_package(zip_path, runtime)
+    return sam
 
 
 def deployed_api_url(project_dir: Path, stage: str) -> str | None:
@@ -517,10 +581,12 @@ def paste_instructions(stage: str, base_url: str, routes: list[str]) -> list[str
             path = route.replace("{secret}", "<salesrender_webhook_secret>")
             lines.append(f"SalesRender trigger webhook: {base_url}{path} "
                          f"(secret: `{read} /callbridge/{stage}/salesrender_webhook_secret`)")
-        elif "plugin" in route:
-            lines.append(f"SalesRender plugin: {base_url}{route}")
-    if not any(r.startswith("/webhooks/salesrender") for r in routes):
-        lines.append("SalesRender: nothing to paste yet (this version has no SalesRender webhook or plugin route)")
+    if any(r.startswith("/salesrender-plugin/") for r in routes):
+        # SalesRender asks for the plugin's base URL once and finds info/registration/special/call under it.
+        lines.append(f"SalesRender PBX plugin URL: {base_url}/salesrender-plugin/")
+    if "/dashboard" in routes:
+        lines.append(f"Dashboard: {base_url}/dashboard?token=<api token: "
+                     f"`{read} /callbridge/{stage}/callbridge_api_token`>")
     lines.append("Beeline: nothing to do; the subscription keeper subscribes to the call events within 5 minutes")
     return lines
 

@@ -368,6 +368,10 @@ def test_paste_instructions_name_secrets_by_path_only():
     text = "\n".join(lines)
     assert "https://abc.execute-api.eu-central-1.amazonaws.com/api/webhooks/tilda" in text
     assert "/callbridge/prod/tilda_api_key" in text
+    base = "https://abc.execute-api.eu-central-1.amazonaws.com/api"
+    assert f"SalesRender trigger webhook: {base}/webhooks/salesrender/<salesrender_webhook_secret>" in text
+    assert f"SalesRender PBX plugin URL: {base}/salesrender-plugin/" in lines
+    assert f"{base}/dashboard?token=" in text and "/callbridge/prod/callbridge_api_token" in text
     assert lines[-1].startswith("Beeline: nothing to do")
 
 

@@ -134,7 +134,7 @@ def test_the_moto_server_keeps_tables_queues_and_objects_across_a_restart_and_a_
         assert local_stack.deploy(endpoint, stage="local") == env  # the stack is there: nothing to create
 
         table.put_item(Item={"pk": "LEAD#2", "sk": "LEAD"})
-        deadline = time.monotonic() + 10  # the snapshot follows a change within a fraction of a second
+        deadline = time.monotonic() + 10  # the snapshot follows a change once moto is idle (IDLE_SECONDS)
         while b"LEAD#2" not in state.read_bytes() and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.kill()  # a crash: no chance to save at exit

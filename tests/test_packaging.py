@@ -1,33 +1,38 @@
-"""`chalice package` really ships functions/ and the configuration, and not boto3 (SPEC §2)."""
+"""`chalice package` really ships functions/ and the configuration, and not boto3 (SPEC §2); the packaging step
+(infra.deploy.package) byte-compiles every module for the runtime with unchecked hashes (issue 9 item 6)."""
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from infra import deploy
+from infra.local.stack import OUTPUT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    out = tmp_path_factory.mktemp("package")
-    shutil.rmtree(ROOT / ".chalice" / "deployments", ignore_errors=True)  # Chalice caches old zips there
-    env = {**os.environ, "CALLBRIDGE_STAGE": "dev", "CALLBRIDGE_CONFIG": "config/dev.yaml",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    # sys.exit(main()): chalice.cli.main returns its exit status, so a bare main() always exits 0.
-    subprocess.run([sys.executable, "-c", "import sys; from chalice.cli import main; sys.exit(main())", "package",
-                    "--stage", "dev",
-                    str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    out = tmp_path_factory.mktemp("package") / "out"
+    # Without the resource names other tests' stacks left in this process's environment (INTAKE_QUEUE=...):
+    # the decorators would bake those in.
+    env = {k: v for k, v in os.environ.items() if k not in OUTPUT_ENV.values()}
+    env.update(CALLBRIDGE_STAGE="dev", CALLBRIDGE_CONFIG="config/dev.yaml", AWS_DEFAULT_REGION="us-east-1")
+    sam = deploy.package(ROOT, "dev", env, out)  # `chalice package`, then the compile step of every deploy
     with zipfile.ZipFile(out / "deployment.zip") as zf:
         names = set(zf.namelist())
-    return names, json.loads((out / "sam.json").read_text())
+        _ZIP_NAMES[:] = zf.namelist()
+        _ZIP_BYTES.update((n, zf.read(n)) for n in names if n.endswith((".py", ".pyc")))
+    return names, sam
+
+
+_ZIP_BYTES: dict[str, bytes] = {}
+_ZIP_NAMES: list[str] = []
 
 
 def test_every_runtime_module_and_the_stage_config_are_in_the_zip(package):
@@ -60,3 +65,40 @@ def test_callbacks_read_one_dialer_per_channel_and_slow_schedules_have_time(pack
     assert event["Properties"]["ScalingConfig"] == {"MaximumConcurrency": 5}  # config/dev.yaml channel_limit
     assert sam["Resources"]["SubscriptionKeeper"]["Properties"]["Timeout"] == 180
     assert sam["Resources"]["CallReconciler"]["Properties"]["Timeout"] == 120
+
+
+def _pyc_of(source: str) -> str:
+    folder, _, name = source.rpartition("/")
+    tag = importlib.util.cache_from_source(name).rpartition("/")[2]  # e.g. tilda_webhook.cpython-311.pyc
+    return f"{folder}/__pycache__/{tag}" if folder else f"__pycache__/{tag}"
+
+
+def test_every_module_ships_compiled_for_the_runtime_with_an_unchecked_hash(package):
+    names, sam = package
+    runtime = sam["Resources"]["IntakeWorker"]["Properties"]["Runtime"]
+    assert runtime == "python3.11"
+    sources = sorted(n for n in names if n.endswith(".py"))
+    compiled = [n for n in names if n.endswith(".pyc")]
+    assert {"app.py", "functions/intake/tilda_webhook.py", "pydantic/main.py", "phonenumbers/phonenumberutil.py",
+            "aws_lambda_powertools/logging/logger.py"} <= set(sources)
+    # Every source Lambda might import has its .pyc (a few data files named .py may not compile; none of ours).
+    missing = [s for s in sources if _pyc_of(s) not in names]
+    assert not [s for s in missing if s.startswith(("functions/", "app.py", "pydantic/", "aws_lambda_powertools/",
+                                                    "phonenumbers/", "yaml/", "requests/"))], missing[:10]
+    assert len(compiled) >= len(sources) - len(missing) > 1000
+    for source in ("app.py", "functions/core/config.py", "pydantic/main.py"):
+        pyc = _ZIP_BYTES[_pyc_of(source)]
+        assert pyc[:4] == importlib.util.MAGIC_NUMBER  # built by the runtime's Python (this venv is 3.11)
+        flags = int.from_bytes(pyc[4:8], "little")
+        assert flags == 0b01, f"{source}: flags {flags:#b}, expected hash-based and unchecked"
+        assert pyc[8:16] == importlib.util.source_hash(_ZIP_BYTES[source])  # of the very source shipped
+
+
+def test_no_stale_pycache_from_the_source_tree_reaches_the_package(package):
+    # vendor/functions follows functions/, whose __pycache__ holds timestamp-checked .pyc files of whatever
+    # Python ran the tests last, against other sources: only the packaging step's own may ship, once each.
+    names = [n for n in _ZIP_NAMES if n.endswith(".pyc")]
+    assert len(names) == len(set(names)), "a .pyc is in the zip twice"
+    assert not [n for n in names if "__pycache__/" not in n]
+    stale = [n for n in names if int.from_bytes(_ZIP_BYTES[n][4:8], "little") != 0b01]
+    assert not stale, stale[:5]

@@ -63,15 +63,26 @@ def _session():
     return boto3.session.Session()
 
 
+# A Lambda container runs one invocation at a time; the local runner and `chalice local` run many threads on
+# one client, and botocore's default pool of 10 connections would open and drop connections under a burst.
+MAX_POOL_CONNECTIONS = 64
+
+
+def _config():
+    from botocore.config import Config  # botocore is loaded by boto3 already: no extra import cost
+
+    return Config(max_pool_connections=MAX_POOL_CONNECTIONS)
+
+
 @functools.cache
 def client(service: str):
     """One client per service per container. AWS_ENDPOINT_URL (moto locally) is honoured by botocore."""
-    return _session().client(service)
+    return _session().client(service, config=_config())
 
 
 @functools.cache
 def table():
-    return _session().resource("dynamodb").Table(table_name())
+    return _session().resource("dynamodb", config=_config()).Table(table_name())
 
 
 @functools.cache

@@ -24,6 +24,14 @@ def main() -> int:
     crm = f"http://127.0.0.1:{os.environ.get('SALESRENDER_SANDBOX_PORT', '8101')}"
     token = os.environ.get("CALLBRIDGE_API_TOKEN", "local-api-token")
     sys.path.insert(0, str(ROOT))
+    if os.environ.get("CRM_PLUGIN", "") not in ("", "0"):  # make demo CRM_PLUGIN=1: the SalesRender plugin's loop
+        from infra.local import crm_plugin_demo
+
+        return crm_plugin_demo.main(app, crm)
+    if os.environ.get("CRM_STATUS", "") not in ("", "0"):  # make demo CRM_STATUS=1: approved in the CRM -> postback
+        from infra.local import crm_status_demo
+
+        return crm_status_demo.main(app, crm)
     from functions.records import calls, leads
 
     def orders_of_sample() -> int:

@@ -4,16 +4,21 @@ Atomic writes: DynamoDB evaluates a ConditionExpression and applies the write as
 checks and writes without a lock, so two threads can both pass `attribute_not_exists(holder)`. Channel
 leases, call claims and the webhook's one-lead-per-tranid all rest on that atomicity, so tests and the
 local stack would otherwise show races that cannot happen in AWS (or hide real ones among them).
-`patch()` serialises moto's write operations with one lock.
+`patch()` serialises moto's DynamoDB operations (writes, and the reads that iterate its dicts) with one lock.
 
 State (`--state-file`): moto keeps everything in memory, so a restart lost every lead, queued message and
 recording. moto 5.2 offers no restore of its own (`/moto-api/data.json` is a read-only dump; its recorder
 replays raw requests, which would receive SQS messages again and leave them in flight). So the server
-pickles its backends: after any request that may change state (within SNAPSHOT_SECONDS) and when it is
-stopped, and loads them at start. Requests hold a shared lock and a snapshot an exclusive one, so a
-snapshot never holds half a request; an SQS long poll lets go of it while it waits. A message received
-but not yet deleted when the snapshot was taken comes back after the restart: at least once, as in SQS.
-A crash (SIGKILL) loses at most the last SNAPSHOT_SECONDS.
+pickles its backends when it is stopped and, while it runs, after requests that may have changed state:
+once the server has been idle for IDLE_SECONDS, or every MAX_SNAPSHOT_AGE_SECONDS under a steady load. It
+loads them at start. Requests hold a shared lock and a snapshot an exclusive one, so a snapshot never holds
+half a request; an SQS long poll lets go of it while it waits. A message received but not yet deleted when
+the snapshot was taken comes back after the restart: at least once, as in SQS. A crash (SIGKILL) loses at
+most the changes since the last snapshot. (A snapshot every 0.25 s, as before, stopped every request for the
+length of a pickle four times a second: under a burst that doubled the Tilda -> originate latency.)
+
+Request counts: every request is counted by service and operation (`GET /_callbridge/requests`), so the
+bench can state DynamoDB and SQS requests per lead.
 
 Access log: werkzeug's shows each request's path; the query is replaced by its names (a presigned S3
 link carries its signature there).
@@ -28,17 +33,27 @@ import argparse
 import contextlib
 import functools
 import io
+import json
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 _LOCK = threading.RLock()
-_WRITES = ("put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item")
-SNAPSHOT_SECONDS = 0.25
+_SERIALISED = ("put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item",
+           # Reads too: moto iterates a table's dicts, and a write from another thread meanwhile raises
+           # "dictionary changed size during iteration" (a Query over the channel slots under a burst).
+           "get_item", "query", "scan", "batch_get_item", "transact_get_items")
+SNAPSHOT_SECONDS = 0.25  # how often the keeper looks
+IDLE_SECONDS = 1.0  # no request for this long: save what changed
+MAX_SNAPSHOT_AGE_SECONDS = 15.0  # under a steady load, save at least this often
+COUNTS_PATH = "/_callbridge/requests"
+_CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]*/[^/]*/[^/]*/([^/]+)/")
 # Operations (the X-Amz-Target's last part) that change nothing worth keeping. ReceiveMessage does move a
 # message in flight, but a snapshot without that only makes the message visible again after a restart.
 _READ_PREFIXES = ("Get", "List", "Describe", "Query", "Scan", "BatchGet", "Receive")
@@ -47,7 +62,7 @@ _READ_PREFIXES = ("Get", "List", "Describe", "Query", "Scan", "BatchGet", "Recei
 def patch() -> None:
     from moto.dynamodb.models import DynamoDBBackend
 
-    for name in _WRITES:
+    for name in _SERIALISED:
         method = getattr(DynamoDBBackend, name, None)
         if method is None or getattr(method, "_atomic", False):
             continue
@@ -150,6 +165,44 @@ def _changes_state(environ: dict) -> bool:
     return not (operation and operation.startswith(_READ_PREFIXES))
 
 
+class RequestCounts:
+    """WSGI middleware counting requests by (service, operation); answers COUNTS_PATH itself."""
+
+    def __init__(self, app):
+        self.app = app
+        self._lock = threading.Lock()
+        self.counts: dict[str, dict[str, int]] = {}
+
+    @staticmethod
+    def _operation(environ: dict) -> tuple[str, str]:
+        match = _CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION") or "")
+        service = match.group(1) if match else "unsigned"
+        target = environ.get("HTTP_X_AMZ_TARGET")
+        if target:
+            return service, target.rsplit(".", 1)[-1]
+        if environ.get("REQUEST_METHOD") == "POST" and "x-www-form-urlencoded" in (environ.get("CONTENT_TYPE") or ""):
+            # The query protocol (SNS, STS, CloudFormation): the operation is the body's Action.
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(length) if length else b""
+            environ["wsgi.input"] = io.BytesIO(body)
+            action = re.search(rb"(?:^|&)Action=([A-Za-z]+)", body)
+            if action:
+                return service, action.group(1).decode()
+        return service, environ.get("REQUEST_METHOD", "?")  # S3's REST operations: counted by method
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == COUNTS_PATH:
+            with self._lock:
+                body = json.dumps(self.counts).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        service, operation = self._operation(environ)
+        with self._lock:
+            by_service = self.counts.setdefault(service, {})
+            by_service[operation] = by_service.get(operation, 0) + 1
+        return self.app(environ, start_response)
+
+
 class Snapshots:
     """moto's backends saved to and loaded from one file."""
 
@@ -159,6 +212,8 @@ class Snapshots:
         self._count_lock = threading.Lock()
         self.changes = 0
         self.saved = 0
+        self.last_request = time.monotonic()
+        self.last_save = time.monotonic()
         self._warned: set[str] = set()
 
     def wsgi(self, app):
@@ -174,6 +229,7 @@ class Snapshots:
                 if changes:
                     with self._count_lock:
                         self.changes += 1
+                    self.last_request = time.monotonic()  # reads (the runner's polls never stop) keep no one busy
             return body
 
         return application
@@ -230,6 +286,7 @@ class Snapshots:
         tmp.write_bytes(data)
         os.replace(tmp, self.path)  # a crash mid-write leaves the previous snapshot whole
         self.saved = changes
+        self.last_save = time.monotonic()
         return True
 
     def load(self) -> bool:
@@ -252,9 +309,16 @@ class Snapshots:
                     dict.__setitem__(by_region, region, backend)
         return True
 
+    def due(self, now: float | None = None) -> bool:
+        """Something changed, and no change came for IDLE_SECONDS or the last snapshot is old."""
+        now = time.monotonic() if now is None else now
+        if self.changes == self.saved:
+            return False
+        return now - self.last_request >= IDLE_SECONDS or now - self.last_save >= MAX_SNAPSHOT_AGE_SECONDS
+
     def keep(self, stop: threading.Event) -> None:
         while not stop.wait(SNAPSHOT_SECONDS):
-            if self.changes != self.saved:
+            if self.due():
                 try:
                     self.save()
                 except Exception as exc:
@@ -270,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds queue URLs from it
 
     patch()
+    from infra.local import moto_transactions
+
+    moto_transactions.patch()  # a transaction's rollback copies its items, not the whole table (the burst's cost)
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
@@ -293,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         snapshots.patch_long_poll()
         app = snapshots.wsgi(app)
+    app = RequestCounts(app)
 
     server = make_server(args.host, args.port, app, threaded=True, request_handler=Handler)
     stop = threading.Event()

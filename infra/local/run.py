@@ -2,7 +2,8 @@
 
 Starts, in order: a moto server (unless AWS_ENDPOINT_URL names one), the AWS resources from
 infra/template.yaml, the SalesRender sandbox (unless SALESRENDER_API_URL is set), the Beeline sandbox
-(unless BEELINE_API_URL is set; BEELINE_SANDBOX_TIME_SCALE compresses its calls), the Chalice app
+(unless BEELINE_API_URL is set; BEELINE_SANDBOX_TIME_SCALE compresses its calls, BEELINE_SANDBOX_TALK_SECONDS
+and BEELINE_SANDBOX_EXTRA_ABONENTS set talk times and operators for the bench), the Chalice app
 (`chalice local`), and the runner that feeds SQS messages and schedules to the handlers. Prints one
 line per service, then `ready` once GET /v1/health answers 200. Stays in the foreground; SIGINT or
 SIGTERM stops every process it started. Needs no terminal: the end-to-end tests start it.
@@ -12,6 +13,11 @@ within RESTART_WINDOW_SECONDS stops the stack with the reason (and, for children
 the end of that log). The local state lives in CALLBRIDGE_LOCAL_DIR (build/local): the moto server
 and the sandboxes save theirs there and load it on start, so leads, orders and calls survive a
 restart of a child or of `make run`. `make run FRESH=1` (`--fresh`) removes it first.
+
+One configuration document per run: CALLBRIDGE_CONFIG (default config/local.yaml) is validated before anything
+starts (a bad key stops `make run` with the key's name), and the app, the runner's workers and its schedules
+all get it by absolute path; inside `chalice local` the stage's variables in .chalice/config.json do not
+override it (PINNED_ENV). The app's server takes bursts: a listen backlog of REQUEST_QUEUE_SIZE.
 
 Secrets never reach a log line: the app's access log (chalice local) shows paths without their query
 values and without the Beeline webhook secret (see `loggable_path`).
@@ -57,6 +63,7 @@ LOCAL_DEFAULTS = {
     "SALESRENDER_WEBHOOK_SECRET": "local-salesrender-secret",
     "CALLBRIDGE_API_TOKEN": "local-api-token",
     "RECORDING_LINK_SECRET": "local-recording-link-secret",
+    "PLUGIN_ENCRYPTION_KEY": "local-plugin-encryption-key",
     "POWERTOOLS_METRICS_NAMESPACE": "callbridge",
 }
 
@@ -80,19 +87,66 @@ def loggable_path(path: str) -> str:
     return redact(shown)
 
 
+# What the run decided for every process: the stage's variables in .chalice/config.json must not override them
+# inside `chalice local` (they would: Chalice applies them over the environment when it loads the app).
+PINNED_ENV = ("CALLBRIDGE_CONFIG", "CALLBRIDGE_STAGE")
+# The app's listen backlog: socketserver's default of 5 reset connections beyond ~15 concurrent posts.
+REQUEST_QUEUE_SIZE = 1024
+
+
 def chalice_local() -> int:
-    """`chalice local` (arguments from sys.argv) with an access log that never shows a secret."""
+    """`chalice local` (arguments from sys.argv) with an access log that never shows a secret, the run's
+    configuration document and stage (PINNED_ENV), and a listen backlog for bursts of webhooks."""
     from http.server import BaseHTTPRequestHandler
 
     from chalice import local
-    from chalice.cli import main
+    from chalice.cli import factory, main
 
     def log_request(self: BaseHTTPRequestHandler, code: int | str = "-", size: int | str = "-") -> None:
         target = loggable_path(getattr(self, "path", "") or "")
-        self.log_message('"%s %s %s" %s %s', self.command, target, self.request_version, code, size)
+        started = getattr(self, "_callbridge_started", None)
+        took = f" {(time.perf_counter() - started) * 1000:.1f}ms" if started is not None else ""
+        self.log_message('"%s %s %s" %s %s%s', self.command, target, self.request_version, code, size, took)
+
+    generic_handle = local.ChaliceRequestHandler._generic_handle
+
+    def timed_handle(self) -> None:
+        # The access log's duration: what API Gateway's Lambda would bill for this request (the bench reads it).
+        self._callbridge_started = time.perf_counter()
+        generic_handle(self)
 
     local.ChaliceRequestHandler.log_request = log_request
+    for method in ("GET", "PUT", "POST", "HEAD", "DELETE", "PATCH", "OPTIONS"):  # bound to _generic_handle by name
+        setattr(local.ChaliceRequestHandler, f"do_{method}", timed_handle)
+    local.ThreadedHTTPServer.request_queue_size = REQUEST_QUEUE_SIZE
+    pinned = {k for k in PINNED_ENV if os.environ.get(k)}
+    load_chalice_app = factory.CLIFactory.load_chalice_app
+
+    def load_with_pinned_env(self, environment_variables=None, *args, **kwargs):
+        if environment_variables is not None:
+            environment_variables = {k: v for k, v in environment_variables.items() if k not in pinned}
+        return load_chalice_app(self, environment_variables, *args, **kwargs)
+
+    factory.CLIFactory.load_chalice_app = load_with_pinned_env
     return main()
+
+
+def check_config(env: dict) -> Path:
+    """The run's one configuration document, validated before anything starts; its absolute path.
+
+    Raises RuntimeError naming the bad key (functions/core/config.py's messages), so `make run` refuses to
+    start instead of reporting ready and then retrying a ConfigError for every lead."""
+    from functions.core import config
+
+    path = Path(env.get("CALLBRIDGE_CONFIG") or config.DEFAULT_CONFIG)
+    path = path if path.is_absolute() else ROOT / path
+    try:
+        config.parse(path.read_text(encoding="utf-8"), str(path))
+    except OSError as exc:
+        raise RuntimeError(f"CALLBRIDGE_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except config.ConfigError as exc:
+        raise RuntimeError(f"configuration is invalid, nothing started: {exc}") from None
+    return path
 
 
 def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -178,6 +232,11 @@ class Stack:
 
     def start(self, fresh: bool = False) -> None:
         py = sys.executable
+        # One document for the app, the runner's workers and schedules alike, by absolute path.
+        self.env["CALLBRIDGE_CONFIG"] = str(check_config(self.env))
+        shown_config = os.path.relpath(self.env["CALLBRIDGE_CONFIG"], ROOT)
+        print(f"configuration: {shown_config if not shown_config.startswith('..') else self.env['CALLBRIDGE_CONFIG']}"
+              " (valid; used by the app, the workers and the schedules)", flush=True)
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         shown = os.path.relpath(LOG_DIR, ROOT) if LOG_DIR.is_relative_to(ROOT) else str(LOG_DIR)
         if fresh:
@@ -223,6 +282,10 @@ class Stack:
                 py, "-m", "infra.local.beeline_sandbox", "--host", HOST, "--port", str(port),
                 "--token", self.env["BEELINE_API_TOKEN"], "--quiet",
                 "--time-scale", self.env.get("BEELINE_SANDBOX_TIME_SCALE", "1"),
+                # The bench's: talk times of 1-3 minutes (LOW-HIGH) and more operators than the default three.
+                *(["--talk-seconds", self.env["BEELINE_SANDBOX_TALK_SECONDS"]]
+                  if self.env.get("BEELINE_SANDBOX_TALK_SECONDS") else []),
+                "--extra-abonents", self.env.get("BEELINE_SANDBOX_EXTRA_ABONENTS", "0"),
                 "--state-file", str(LOG_DIR / STATE_FILES["beeline"])],
                 ready_url=f"http://{HOST}:{port}/_sandbox/health"))
             self.env["BEELINE_API_URL"] = f"http://{HOST}:{port}/apis/portal/"

@@ -6,6 +6,11 @@ Which queue feeds which handler, and which schedule runs which, is read from the
 here. Semantics follow Lambda's SQS event source mapping with batch size 1: a record whose handler
 returns is deleted; one whose handler raises stays in the queue and comes back when its visibility
 timeout ends (the workers push that out themselves for backoff).
+
+Concurrency follows Lambda's too: each queue is polled by several threads, each running one message at a
+time, as Lambda runs several function instances; the callbacks queue by as many as its event source's
+maximum concurrency (one dialer per channel: the configuration's channel limit), the others by
+RUNNER_POLLERS (default 8), so that a burst is not held up by the local stand-in.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from functions.core import resources
 from functions.core.observability import logger
 
 POLL_SECONDS = 1  # short long-polls so SIGTERM stops the runner within about a second
+DEFAULT_POLLERS = 8
 _RATE = re.compile(r"^rate\((\d+)\s+(minute|minutes|hour|hours|day|days)\)$")
 _UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
@@ -66,15 +72,22 @@ def sqs_event(message: dict, queue_arn: str, region: str) -> dict:
     }
 
 
-def invoke(sqs, url: str, arn: str, message: dict, handler, function_name: str, region: str) -> bool:
-    """Run the handler on one received message as Lambda would; delete it when the handler returns."""
+def invoke(sqs, url: str, arn: str, message: dict, handler, function_name: str, region: str,
+           record=None) -> bool:
+    """Run the handler on one received message as Lambda would; delete it when the handler returns.
+    `record(function_name, seconds)` is told each invocation's duration (the bench's Lambda GB-s)."""
+    started = time.perf_counter()
     try:
         handler(sqs_event(message, arn, region), LambdaContext(function_name))
     except Exception as exc:
+        if record is not None:
+            record(function_name, time.perf_counter() - started)
         # As in Lambda: the record stays and returns after its visibility timeout.
         logger.warning("handler failed", extra={"function_name": function_name, "queue_url": url,
                                                 "error_type": type(exc).__name__})
         return False
+    if record is not None:
+        record(function_name, time.perf_counter() - started)
     sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     return True
 
@@ -102,6 +115,14 @@ class Runner:
         self.schedule_scale = schedule_scale
         self.region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         self.delivered = 0
+        self._count_lock = threading.Lock()
+        self.invocations: dict[str, list[float]] = {}  # function name -> [count, seconds]
+
+    def record(self, function_name: str, seconds: float) -> None:
+        with self._count_lock:
+            entry = self.invocations.setdefault(function_name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
 
     @staticmethod
     def function_name(handler_string: str) -> str:
@@ -116,12 +137,23 @@ class Runner:
         for source in self.app_module.app.event_sources:
             kind = type(source).__name__
             if kind == "SQSEventConfig" and source.queue:
-                queues.append((source.queue, source.handler_string))
+                queues.append((source.queue, source.handler_string, getattr(source, "maximum_concurrency", None)))
             elif getattr(source, "schedule_expression", None) is not None:  # ScheduledEventConfig
                 expression = source.schedule_expression
                 text = expression.to_string() if hasattr(expression, "to_string") else str(expression)
                 schedules.append((source.name, text, source.handler_string))
         return queues, schedules
+
+    def pollers(self, queue_name: str, maximum_concurrency: int | None = None) -> int:
+        """How many threads deliver a queue: its event source's maximum concurrency where it has one (the
+        callbacks queue: one per channel), else RUNNER_POLLERS."""
+        if maximum_concurrency:
+            return maximum_concurrency
+        if queue_name == resources.queue_name("callbacks"):
+            from functions.core import config  # the decorator's value is computed only while Chalice packages
+
+            return max(2, config.load().provider.channel_limit)
+        return max(1, int(os.environ.get("RUNNER_POLLERS", DEFAULT_POLLERS)))
 
     def poll(self, queue_name: str, handler_string: str) -> None:
         handler = self._handler(handler_string)
@@ -139,8 +171,10 @@ class Runner:
                 self.stop_event.wait(1)
                 continue
             for message in messages:
-                self.delivered += 1
-                invoke(sqs, url, arn, message, handler, self.function_name(handler_string), self.region)
+                with self._count_lock:
+                    self.delivered += 1
+                invoke(sqs, url, arn, message, handler, self.function_name(handler_string), self.region,
+                       self.record)
 
     def tick(self, name: str, expression: str, handler_string: str) -> None:
         period = rate_seconds(expression)
@@ -153,15 +187,18 @@ class Runner:
         first = True
         while first or not self.stop_event.wait(interval):
             first = False
+            started = time.perf_counter()
             try:
                 handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
+                self.record(self.function_name(handler_string), time.perf_counter() - started)
             except Exception:
                 logger.exception("scheduled handler failed",
                                  extra={"function_name": self.function_name(handler_string), "schedule": name})
 
     def start(self) -> list[threading.Thread]:
         queues, schedules = self.sources()
-        threads = [threading.Thread(target=self.poll, args=q, daemon=True, name=f"sqs:{q[0]}") for q in queues]
+        threads = [threading.Thread(target=self.poll, args=(queue, handler), daemon=True, name=f"sqs:{queue}:{i}")
+                   for queue, handler, concurrency in queues for i in range(self.pollers(queue, concurrency))]
         threads += [threading.Thread(target=self.tick, args=s, daemon=True, name=f"schedule:{s[0]}")
                     for s in schedules]
         for thread in threads:
@@ -177,12 +214,16 @@ def main() -> int:
         signal.signal(sig, lambda *_: runner.stop_event.set())
     threads = runner.start()
     queues, schedules = runner.sources()
-    print(json.dumps({"runner": "started", "queues": [q for q, _ in queues], "schedules": [s for s, *_ in schedules]}),
-          flush=True)
+    print(json.dumps({"runner": "started", "queues": {q: runner.pollers(q, c) for q, _, c in queues},
+                      "schedules": [s for s, *_ in schedules]}), flush=True)
     while not runner.stop_event.wait(0.5):
         pass
     for thread in threads:
         thread.join(timeout=POLL_SECONDS + 5)
+    with runner._count_lock:
+        invocations = {name: {"count": n, "seconds": round(t, 3)} for name, (n, t) in runner.invocations.items()}
+    # What the bench reads: Lambda invocations and their durations, as AWS would bill them.
+    print(json.dumps({"runner": "stopped", "invocations": invocations}), flush=True)
     return 0
 
 

@@ -1,0 +1,175 @@
+"""AWS cost per 1,000 leads and per month, from the request counts the burst measured (bench/burst.py).
+
+Prices: AWS's public on-demand prices for us-east-1 (N. Virginia) as published in 2025 (DynamoDB on-demand
+after its 2024-11-01 reduction), without the free tier, x86 Lambda at the 256 MB the functions are
+configured with (.chalice/config.json):
+
+- Lambda: $0.20 per million requests, $0.0000166667 per GB-second;
+- SQS standard queues: $0.40 per million requests (every API call, ReceiveMessage included);
+- DynamoDB on-demand: $0.625 per million write request units, $0.125 per million read request units;
+- S3 Standard: $0.005 per 1,000 PUT/POST/LIST, $0.0004 per 1,000 GET, $0.023 per GB-month (recordings:
+  128 kbit/s MP3 of the mean talk, kept the template's 30 days; the sandbox's own MP3s are tiny);
+- API Gateway REST APIs: $3.50 per million requests.
+
+Counting rules (what moto counts is requests, not capacity units): each PutItem, UpdateItem, DeleteItem
+is 1 WRU (items up to 1 KB; the lead item with its raw copy of the post may take 2-3), each write inside
+TransactWriteItems 2 WRU (counted as 2 items per transaction), each GetItem/Query 1 RRU (strongly
+consistent, up to 4 KB). SQS: every request but ReceiveMessage as counted, plus one ReceiveMessage per
+delivered message (Lambda's event source hands each message over once per delivery; the local runner's
+empty long polls are not Lambda's). Lambda durations are the local ones (moto and the sandboxes on a
+shared machine answer slower than AWS does): an upper bound. Fixed monthly costs (schedules, the event
+sources' empty long polls) are listed apart, because they do not grow with leads. CloudWatch Logs
+($0.50 per GB ingested) and alarms are not counted here.
+
+The real-time schedule (talk times of 1-3 minutes at full length) is a projection from the burst's
+per-lead counts: deliveries of the callback worker beyond one per lead and one per call release (the
+re-sends of waiting callbacks on a timer: the 30 s re-send, a safety-net sweep) are multiplied by
+1 / time_scale, as leads wait that many times longer in real time; a dispatch on release re-sends little,
+and the factor then multiplies little. Each such re-delivery is priced with three SQS requests, the mean
+DynamoDB requests of an invocation, and two provider requests (order and operator status).
+"""
+
+from __future__ import annotations
+
+PRICES = {
+    "date": "2025 (AWS public price pages; DynamoDB on-demand after the 2024-11-01 reduction)",
+    "region": "us-east-1",
+    "lambda_request": 0.20 / 1e6,
+    "lambda_gb_second": 0.0000166667,
+    "sqs_request": 0.40 / 1e6,
+    "dynamodb_wru": 0.625 / 1e6,
+    "dynamodb_rru": 0.125 / 1e6,
+    "s3_put": 0.005 / 1000,
+    "s3_get": 0.0004 / 1000,
+    "api_gateway_rest_request": 3.50 / 1e6,
+    "s3_gb_month": 0.023,
+}
+# Recordings kept in S3: 128 kbit/s MP3 of the mean simulated talk (2 minutes), for the template's 30 days.
+RECORDING_BYTES_PER_SECOND = 16_000
+RETENTION_DAYS = 30
+LAMBDA_GB = 0.25  # 256 MB
+WRITES = {"PutItem": 1, "UpdateItem": 1, "DeleteItem": 1, "TransactWriteItems": 4, "BatchWriteItem": 1}
+READS = {"GetItem": 1, "Query": 1, "Scan": 1, "BatchGetItem": 1, "TransactGetItems": 4}
+MONTH_SECONDS = 30 * 86400
+DEFAULT_SCHEDULE_SECONDS = 300  # rate(5 minutes), where app.py's own rate is not known
+# Lambda's SQS event source: about 5 long polls (20 s) in parallel per queue while it is idle.
+IDLE_POLLS_PER_QUEUE_PER_MONTH = 5 * 3 * 60 * 24 * 30
+
+
+def per_lead(burst: dict, realtime: bool = False) -> dict:
+    """Requests and Lambda seconds per accepted lead; `realtime`: projected to talk times at full length."""
+    leads = max(1, burst["accepted"])
+    aws = burst["requests"]["aws"]
+    invocations = burst["invocations"]
+    workers = {k: v for k, v in invocations.items() if k.endswith("_worker")}
+    schedules = {k: v for k, v in invocations.items() if not k.endswith("_worker")}
+    callback = next((v for k, v in workers.items() if k.endswith("callback_worker")), {"count": 0, "seconds": 0.0})
+    # Deliveries beyond one per lead (its first callback) and one per release (a dispatch trigger): re-sends of
+    # waiting callbacks, on a timer (the 30 s re-send, the safety-net sweep), which real time multiplies.
+    redeliveries = max(0, callback["count"] - burst["accepted"] - burst["called"])
+    # Real time: the re-deliveries a timer made happen 1 / time_scale times as often (see the module docstring).
+    added = redeliveries * (1 / burst["time_scale"] - 1) if realtime else 0.0
+    api_count = sum(v["count"] for v in burst["api"].values())
+    api_seconds = sum(v["seconds"] for v in burst["api"].values())
+    delivered = sum(v["count"] for v in workers.values())
+    seconds = api_seconds + sum(v["seconds"] for v in workers.values())
+    seconds += added * callback["seconds"] / max(1, callback["count"])
+    sqs_ops = {op: n for op, n in aws.get("sqs", {}).items() if op != "ReceiveMessage"}
+    # Each re-delivery is one re-send, one delivery and one delete.
+    sqs_requests = sum(sqs_ops.values()) + delivered + 3 * added
+    dynamo = aws.get("dynamodb", {})
+    wru = sum(n * WRITES[op] for op, n in dynamo.items() if op in WRITES)
+    rru = sum(n * READS[op] for op, n in dynamo.items() if op in READS)
+    # A re-delivery's DynamoDB requests: the mean of an invocation's (a rough share, stated).
+    per_invocation = 1 / max(1, api_count + delivered)
+    wru += added * wru * per_invocation
+    rru += added * rru * per_invocation
+    provider = (burst["provider_requests_per_dialled_lead"] or 0) * burst["called"] + 2 * added  # order + status
+    s3 = aws.get("s3", {})
+    return {
+        "lambda_invocations": (api_count + delivered + added) / leads,
+        "lambda_gb_seconds": seconds * LAMBDA_GB / leads,
+        "api_gateway_requests": api_count / leads,
+        "sqs_requests": sqs_requests / leads,
+        "dynamodb_wru": wru / leads,
+        "dynamodb_rru": rru / leads,
+        "s3_put": s3.get("PUT", 0) / leads,
+        "s3_get": s3.get("GET", 0) / leads,
+        "s3_gb_months": (burst["called"] * sum(burst["talk_seconds_simulated"]) / 2 * RECORDING_BYTES_PER_SECOND
+                         / 1e9 * RETENTION_DAYS / 30) / leads,
+        "callback_deliveries_per_called_lead": (callback["count"] + added) / max(1, burst["called"]),
+        "provider_requests_per_dialled_lead": provider / max(1, burst["called"]),
+        "schedule_seconds_each": {k: v["seconds"] / max(1, v["count"]) for k, v in schedules.items()},
+    }
+
+
+def dollars(counts: dict) -> dict:
+    p = PRICES
+    parts = {
+        "lambda": (counts["lambda_invocations"] * p["lambda_request"]
+                   + counts["lambda_gb_seconds"] * p["lambda_gb_second"]),
+        "api_gateway": counts["api_gateway_requests"] * p["api_gateway_rest_request"],
+        "sqs": counts["sqs_requests"] * p["sqs_request"],
+        "dynamodb": counts["dynamodb_wru"] * p["dynamodb_wru"] + counts["dynamodb_rru"] * p["dynamodb_rru"],
+        "s3": (counts["s3_put"] * p["s3_put"] + counts["s3_get"] * p["s3_get"]
+               + counts["s3_gb_months"] * p["s3_gb_month"]),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def schedule_periods() -> dict[str, int]:
+    """Function name suffix -> seconds between runs, from app.py's @app.schedule decorators."""
+    import app as app_module
+    from infra.local.runner import Runner, rate_seconds
+
+    _, schedules = Runner(app_module).sources()
+    return {handler.rsplit(".", 1)[-1]: rate_seconds(expression) or DEFAULT_SCHEDULE_SECONDS
+            for _, expression, handler in schedules}
+
+
+def fixed_monthly(counts: dict, queues: int = 5, periods: dict[str, int] | None = None) -> dict:
+    """What a deployed stage costs a month with no lead at all: the schedules and the idle event sources."""
+    p = PRICES
+    schedules = counts["schedule_seconds_each"]
+    periods = periods or {}
+
+    def runs(function_name: str) -> float:
+        period = next((v for k, v in periods.items() if function_name.endswith(k)), DEFAULT_SCHEDULE_SECONDS)
+        return MONTH_SECONDS / period
+
+    lambda_cost = sum(runs(name) * (p["lambda_request"] + s * LAMBDA_GB * p["lambda_gb_second"])
+                      for name, s in schedules.items())
+    sqs = queues * IDLE_POLLS_PER_QUEUE_PER_MONTH * p["sqs_request"]
+    return {"schedules": lambda_cost, "idle_sqs_polls": sqs, "total": lambda_cost + sqs}
+
+
+def report(burst: dict, periods: dict[str, int] | None = None) -> dict:
+    out = {"prices": PRICES}
+    for name, realtime in (("burst", False), ("realtime_projection", True)):
+        counts = per_lead(burst, realtime)
+        cost = dollars(counts)
+        out[name] = {"per_lead": {k: round(v, 4) for k, v in counts.items() if not isinstance(v, dict)},
+                     "usd_per_1000_leads": {k: round(v * 1000, 4) for k, v in cost.items()}}
+    fixed = fixed_monthly(per_lead(burst), periods=periods)
+    out["fixed_usd_per_month"] = {k: round(v, 2) for k, v in fixed.items()}
+    per_lead_rt = dollars(per_lead(burst, True))["total"]
+    out["usd_per_month"] = {f"{n}_leads_a_day": round(per_lead_rt * n * 30 + fixed["total"], 2) for n in (100, 1000)}
+    return out
+
+
+def table(cost: dict) -> str:
+    """The README's cost table (markdown), from a report()."""
+    rt = cost["realtime_projection"]["usd_per_1000_leads"]
+    burst = cost["burst"]["usd_per_1000_leads"]
+    rows = ["| | Lambda | API Gateway | SQS | DynamoDB | S3 | total |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, c in (("per 1,000 leads, burst (measured)", burst), ("per 1,000 leads, real time (projected)", rt)):
+        rows.append(f"| {label} | ${c['lambda']:.4f} | ${c['api_gateway']:.4f} | ${c['sqs']:.4f} | "
+                    f"${c['dynamodb']:.4f} | ${c['s3']:.4f} | **${c['total']:.4f}** |")
+    fixed = cost["fixed_usd_per_month"]
+    month = cost["usd_per_month"]
+    rows += ["", "| per month | AWS cost |", "|---|---:|",
+             f"| fixed (schedules, idle queue polling) | ${fixed['total']:.2f} |",
+             f"| 100 leads a day | ${month['100_leads_a_day']:.2f} |",
+             f"| 1,000 leads a day | ${month['1000_leads_a_day']:.2f} |"]
+    return "\n".join(rows)

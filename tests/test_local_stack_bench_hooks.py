@@ -1,0 +1,91 @@
+"""What the bench reads from the local stack (issue 9 item 4), proven in-process and fast:
+
+- the moto server counts requests by service and operation (DynamoDB and SQS requests per lead);
+- it snapshots its state once idle, not four times a second under load (the exclusive lock of every
+  snapshot stopped all requests; under a burst that doubled the Tilda -> originate latency);
+- the Beeline sandbox draws talk times from a range, has operators beyond the default three, and counts
+  its API requests by operation (provider requests per dialled lead);
+- the runner delivers a queue with several pollers, the callbacks queue with one per channel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import requests
+
+from infra.local import moto_atomic
+from infra.local.beeline_sandbox import BeelineSandbox
+
+
+def _call(app, environ: dict) -> tuple[str, bytes]:
+    status = []
+    body = b"".join(app({"REQUEST_METHOD": "POST", "PATH_INFO": "/", "wsgi.input": io.BytesIO(b""), **environ},
+                        lambda s, h: status.append(s)))
+    return status[0], body
+
+
+def test_moto_requests_are_counted_by_service_and_operation():
+    seen = []
+
+    def moto(environ, start_response):
+        seen.append(environ["wsgi.input"].read())  # the body is still there for moto
+        start_response("200 OK", [])
+        return [b"{}"]
+
+    counts = moto_atomic.RequestCounts(moto)
+    auth = "AWS4-HMAC-SHA256 Credential=local/20261202/us-east-1/{}/aws4_request, SignedHeaders=host, Signature=x"
+    for _ in range(2):
+        _call(counts, {"HTTP_AUTHORIZATION": auth.format("dynamodb"), "HTTP_X_AMZ_TARGET": "DynamoDB_20120810.PutItem"})
+    _call(counts, {"HTTP_AUTHORIZATION": auth.format("sqs"), "HTTP_X_AMZ_TARGET": "AmazonSQS.SendMessage"})
+    body = b"Action=Publish&TopicArn=x"
+    _call(counts, {"HTTP_AUTHORIZATION": auth.format("sns"), "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                   "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)})
+    _call(counts, {"HTTP_AUTHORIZATION": auth.format("s3"), "REQUEST_METHOD": "PUT"})
+    status, answer = _call(counts, {"REQUEST_METHOD": "GET", "PATH_INFO": moto_atomic.COUNTS_PATH})
+    assert status == "200 OK"
+    assert json.loads(answer) == {"dynamodb": {"PutItem": 2}, "sqs": {"SendMessage": 1}, "sns": {"Publish": 1},
+                                  "s3": {"PUT": 1}}
+    assert body in seen
+
+
+def test_moto_snapshots_once_idle_or_when_old_not_on_every_change(tmp_path):
+    snapshots = moto_atomic.Snapshots(tmp_path / "state.pickle")
+    now = time.monotonic()
+    assert not snapshots.due(now)  # nothing changed
+    snapshots.changes = 1
+    snapshots.last_request = snapshots.last_save = now
+    assert not snapshots.due(now + moto_atomic.SNAPSHOT_SECONDS)  # a change a quarter second ago: still busy
+    assert snapshots.due(now + moto_atomic.IDLE_SECONDS)  # idle: save
+    snapshots.last_request = now + moto_atomic.MAX_SNAPSHOT_AGE_SECONDS  # requests never stopped ...
+    assert snapshots.due(now + moto_atomic.MAX_SNAPSHOT_AGE_SECONDS)  # ... but the last snapshot is old
+    assert moto_atomic.IDLE_SECONDS > moto_atomic.SNAPSHOT_SECONDS
+
+
+def test_beeline_sandbox_talk_range_extra_operators_and_request_counts():
+    with BeelineSandbox(token="t", time_scale=0.001, talk_range=(60, 180), extra_abonents=12) as pbx:
+        headers = {"X-MPBX-API-AUTH-TOKEN": "t"}
+        abonents = requests.get(pbx.api_url + "abonents", headers=headers, timeout=5).json()
+        assert {a["extension"] for a in abonents} >= {"200", "201", "202", "300", "311"}
+        talks = {pbx.outcome_for(f"99900000{i:02d}")[1] for i in range(10, 40)}
+        assert all(60 <= t <= 180 for t in talks) and len(talks) > 1
+        assert requests.post(pbx.api_url + "abonents/305/call?phoneNumber=9990000055", headers=headers,
+                             timeout=5).status_code == 200
+        requests.get(pbx.base_url + "/_sandbox/calls", timeout=5)  # control endpoints are not the provider's API
+        stats = requests.get(pbx.base_url + "/_sandbox/stats", timeout=5).json()
+        assert stats["api_requests"] == {"abonents": 1, "call": 1}
+
+
+def test_the_runner_polls_each_queue_with_several_threads_and_callbacks_with_one_per_channel(monkeypatch):
+    from functions.core import config, resources
+    from infra.local import runner
+
+    monkeypatch.delenv("RUNNER_POLLERS", raising=False)
+    r = runner.Runner(app_module=None)
+    assert r.pollers(resources.queue_name("intake")) == runner.DEFAULT_POLLERS > 1
+    assert r.pollers(resources.queue_name("callbacks")) == max(2, config.load().provider.channel_limit)
+    assert r.pollers(resources.queue_name("callbacks"), 7) == 7  # the event source's own maximum wins
+    monkeypatch.setenv("RUNNER_POLLERS", "3")
+    assert r.pollers(resources.queue_name("recordings")) == 3

@@ -72,7 +72,7 @@ def test_answered_call_is_tracked_to_its_end(stack):
     assert spend.spent() == 4.0
     assert leads.get(lead_id)["state"] == "done"
     assert channels.busy("Beeline_Main", 5) == 0
-    assert "busy_call" not in (store.get({"pk": "OPERATOR#200", "sk": "STATE"}) or {})
+    assert "busy_call" not in (store.get({"pk": "OPERATORS", "sk": "200"}) or {})
     [job] = [json.loads(m["Body"]) for m in receive("recordings")]
     assert job == {"job": "recording", "call_id": call_id}
 
@@ -112,9 +112,9 @@ def _fresh_call(n: int) -> str:
     leads.create({"lead_id": lead_id, "offer_id": 101, "phone": "+79991115555", "state": "dialing",
                   "created_at": times.now_iso()})
     slot = channels.acquire("Beeline_Main", 5, call_id)
-    operators.release("200", (store.get({"pk": "OPERATOR#200", "sk": "STATE"}) or {}).get("busy_call", ""))
+    operators.release("200", (store.get({"pk": "OPERATORS", "sk": "200"}) or {}).get("busy_call", ""))
     # The previous example's call ended a moment ago: its wrap-up is not what this test is about.
-    store.update({"pk": "OPERATOR#200", "sk": "STATE"}, {}, remove=("available_at",))
+    store.update({"pk": "OPERATORS", "sk": "200"}, {}, remove=("available_at",))
     assert operators.reserve("200", call_id)
     assert calls.claim(call_id, {"lead_id": lead_id, "offer_id": 101, "attempt": 1, "phone": "+79991115555",
                                  "operator": "200", "channel_slot": slot, "provider": "Beeline_Main"})

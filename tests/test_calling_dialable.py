@@ -40,7 +40,7 @@ def call_log(crm, lead_id: str) -> str | None:
 
 
 def operator_holder(pattern: str = "200") -> str | None:
-    return (store.get({"pk": f"OPERATOR#{pattern}", "sk": "STATE"}) or {}).get("busy_call")
+    return (store.get({"pk": "OPERATORS", "sk": pattern}) or {}).get("busy_call")
 
 
 @pytest.mark.parametrize("phone", ["+1 212 736 5000", "+49 30 123456", "+380 44 123 4567"])

@@ -27,7 +27,7 @@ def stack(client, salesrender_sandbox, beeline_sandbox, monkeypatch):
 
 
 def operator_state(pattern: str = "200") -> dict:
-    return store.get({"pk": f"OPERATOR#{pattern}", "sk": "STATE"}) or {}
+    return store.get({"pk": "OPERATORS", "sk": pattern}) or {}
 
 
 @pytest.mark.parametrize("channel_limit", [1, 2])

@@ -105,7 +105,7 @@ def sweep() -> None:
 
 
 def operator_state(pattern="200") -> dict:
-    return store.get({"pk": f"OPERATOR#{pattern}", "sk": "STATE"}) or {}
+    return store.get({"pk": "OPERATORS", "sk": pattern}) or {}
 
 
 def test_one_channel_one_operator_three_due_leads_one_dials_the_others_wait_at_no_cost(stack, use_config, sent):
@@ -255,7 +255,7 @@ def test_a_lost_trigger_and_an_expired_lease_are_caught_by_the_sweep(stack, use_
     second = calls.get(calls.call_id_for(lead_ids[1], 1))
     later = time.time() + channels.lease_seconds() + 1
     store.update({"pk": f"CHANNELS#{PROVIDER}", "sk": f"SLOT#{second['channel_slot']:03d}"}, {"expires_at": 0})
-    store.update({"pk": "OPERATOR#200", "sk": "STATE"}, {"busy_until": 0})
+    store.update({"pk": "OPERATORS", "sk": "200"}, {"busy_until": 0})
     assert channels.busy(PROVIDER, 1, now=later) == 0
     sweep()
     assert deliver("callbacks", "callback_worker") == [True]

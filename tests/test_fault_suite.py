@@ -118,7 +118,7 @@ def assert_settled(chain, phones=PHONES):
     assert [c["state"] for c in dialled if c["state"] != "ended"] == [], "every call settled"
     assert calls.open_calls() == []
     assert channels.busy("Beeline_Main", 5) == 0, "every channel lease free"
-    held = [i for i in resources.table().scan()["Items"] if i["pk"].startswith("OPERATOR#") and "busy_call" in i]
+    held = [i for i in resources.table().scan()["Items"] if i["pk"] == "OPERATORS" and "busy_call" in i]
     assert held == [], "every operator free"
     assert spend.spent() == pytest.approx(sum(float(c.get("cost_rub") or 0) for c in dialled))
     assert len(chain["pbx"].calls()) == len(dialled), "each call dialled once"
@@ -182,7 +182,7 @@ def test_every_message_delivered_twice(chain):
     # must not have released what the winner took.
     live = len(chain["pbx"].calls())
     assert live and channels.busy("Beeline_Main", 5) == live
-    held = [i for i in resources.table().scan()["Items"] if i["pk"].startswith("OPERATOR#") and "busy_call" in i]
+    held = [i for i in resources.table().scan()["Items"] if i["pk"] == "OPERATORS" and "busy_call" in i]
     assert len(held) == live
     run_until_quiet(chain, twice=True)
     assert_settled(chain)

@@ -44,7 +44,7 @@ def open_call(phone: str = "+79991110000", operator: str = "200", ago: float = 7
 
 
 def operator_free(operator: str = "200") -> bool:
-    return "busy_call" not in (store.get({"pk": f"OPERATOR#{operator}", "sk": "STATE"}) or {})
+    return "busy_call" not in (store.get({"pk": "OPERATORS", "sk": operator}) or {})
 
 
 @pytest.fixture

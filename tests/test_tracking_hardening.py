@@ -246,7 +246,7 @@ def beeline_event_of(body: bytes):
 def _held_in(seconds: float, call_id: str) -> tuple[bool, bool]:
     """(channel, operator) still held by the call `seconds` from now."""
     later = time.time() + seconds
-    operator = store.get({"pk": f"OPERATOR#{OPERATOR}", "sk": "STATE"}) or {}
+    operator = store.get({"pk": "OPERATORS", "sk": OPERATOR}) or {}
     return (channels.busy(PROVIDER, 5, now=later) == 1,
             operator.get("busy_call") == call_id and operator.get("busy_until", 0) >= later)
 

@@ -1,14 +1,15 @@
 """Choosing the operator for a call (R-10) by the offer's rule, skipping busy and unavailable ones.
 
-Per operator: pk=OPERATOR#<pattern> sk=STATE with last_called_at and, while on a callbridge call,
+Per operator: pk=OPERATORS sk=<pattern> with last_called_at and, while on a callbridge call,
 busy_call/busy_until (a reservation that expires by itself like a channel lease) and busy_holder, the
 token of the one delivery that took it: only that holder extends or releases it. A call's release
 sets `available_at` = its end + the offer's wrap-up time (after-call work, seed §6.2): nobody reserves
 the operator before then. Round robin keeps a counter per offer (pk=OFFER#<id> sk=ROUND_ROBIN).
 
-`choose` reads each operator's state (DynamoDB) first and asks the PBX for the agent status (a provider
-request, cached by the caller) only of operators who are free here: a busy or wrapping-up operator costs
-no request.
+All operators share one partition, so an offer's states are one Query (not a read per operator: with a
+dozen operators and a backlog that was most of a dial's DynamoDB requests). `choose` reads the states
+first and asks the PBX for the agent status (a provider request, cached by the caller) only of operators
+who are free here: a busy or wrapping-up operator costs no request.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ from functions.core.config import Offer
 UNAVAILABLE = ("OFFLINE", "BREAK")
 
 
+PARTITION = "OPERATORS"
+
+
 def _key(pattern: str) -> dict:
-    return {"pk": f"OPERATOR#{pattern}", "sk": "STATE"}
+    return {"pk": PARTITION, "sk": pattern}
 
 
 def state(pattern: str) -> dict:
     return store.get(_key(pattern)) or {}
+
+
+def states(patterns) -> dict[str, dict]:
+    """The state of each of `patterns` ({} for one never called), in one Query."""
+    items = {item["sk"]: item for item in store.query(PARTITION)}
+    return {p: items.get(p, {}) for p in patterns}
 
 
 def free_now(item: dict, now: float) -> bool:
@@ -37,7 +47,7 @@ def free_now(item: dict, now: float) -> bool:
     return not reserved and item.get("available_at", 0) <= now
 
 
-def candidates(offer: Offer, states: dict[str, dict] | None = None) -> list[str]:
+def candidates(offer: Offer, known: dict[str, dict] | None = None) -> list[str]:
     """The offer's operators in the order its rule prefers them."""
     operators = list(offer.operators)
     if offer.distribution == "round_robin":
@@ -45,8 +55,8 @@ def candidates(offer: Offer, states: dict[str, dict] | None = None) -> list[str]
                                return_new=True)
         start = (int(counter["next"]) - 1) % len(operators)
         return operators[start:] + operators[:start]
-    states = states if states is not None else {p: state(p) for p in operators}
-    last = {p: states[p].get("last_called_at", 0) for p in operators}
+    known = known if known is not None else states(operators)
+    last = {p: known[p].get("last_called_at", 0) for p in operators}
     return sorted(operators, key=lambda p: (last[p], operators.index(p)))
 
 
@@ -55,8 +65,7 @@ def free_in(offer: Offer, now: float | None = None) -> float | None:
     call (its release triggers the next dispatch). DynamoDB reads only."""
     now = time.time() if now is None else now
     waits = []
-    for pattern in offer.operators:
-        item = state(pattern)
+    for item in states(offer.operators).values():
         if item.get("busy_call") and item.get("busy_until", 0) >= now:
             continue
         waits.append(max(0.0, float(item.get("available_at", 0)) - now))
@@ -102,12 +111,12 @@ def choose(offer: Offer, call_id: str, agent_status: Callable[[str], str] | None
     the offer skips OFFLINE/BREAK agents); None when nobody is. `prefer` (the CRM user who pressed "Call")
     goes first when it is one of the offer's operators; otherwise the offer's rule decides."""
     now = time.time() if now is None else now
-    states = {p: state(p) for p in offer.operators}
-    order = candidates(offer, states)
+    known = states(offer.operators)
+    order = candidates(offer, known)
     if prefer in order:
         order = [prefer, *(p for p in order if p != prefer)]
     for pattern in order:
-        if not free_now(states[pattern], now):
+        if not free_now(known[pattern], now):
             continue  # on a call or wrapping up: no need to ask the PBX about them
         if offer.skip_unavailable_operators and agent_status is not None:
             if agent_status(pattern) in UNAVAILABLE:

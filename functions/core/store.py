@@ -59,6 +59,27 @@ def get(key: dict) -> dict | None:
     return {k: v for k, v in from_dynamo(item).items() if k not in ("pk", "sk")}
 
 
+def update_expression(changes: dict | None, *, remove: tuple[str, ...] = (), add: dict | None = None,
+                      names: dict | None = None, values: dict | None = None, encode=to_dynamo):
+    """(UpdateExpression, names, values) for SET `changes`, REMOVE `remove`, ADD `add`, merged with a condition's
+    own `#names`/`:values`; `encode` turns a value into what the caller's API takes (resource or client shape)."""
+    names = dict(names or {})
+    values = {k: encode(v) for k, v in (values or {}).items()}
+    clauses = []
+    if changes:
+        names.update({f"#s{i}": k for i, k in enumerate(changes)})
+        values.update({f":s{i}": encode(v) for i, v in enumerate(changes.values())})
+        clauses.append("SET " + ", ".join(f"#s{i} = :s{i}" for i in range(len(changes))))
+    if remove:
+        names.update({f"#r{i}": k for i, k in enumerate(remove)})
+        clauses.append("REMOVE " + ", ".join(f"#r{i}" for i in range(len(remove))))
+    if add:
+        names.update({f"#a{i}": k for i, k in enumerate(add)})
+        values.update({f":a{i}": encode(v) for i, v in enumerate(add.values())})
+        clauses.append("ADD " + ", ".join(f"#a{i} :a{i}" for i in range(len(add))))
+    return " ".join(clauses), names, values
+
+
 def update(key: dict, changes: dict, *, condition: str | None = None, names: dict | None = None,
            values: dict | None = None, remove: tuple[str, ...] = (), add: dict | None = None,
            return_new: bool = False):
@@ -66,21 +87,8 @@ def update(key: dict, changes: dict, *, condition: str | None = None, names: dic
     (with its own `#names`/`:values`). False when the condition fails; the new item if `return_new`."""
     from botocore.exceptions import ClientError
 
-    names = dict(names or {})
-    values = {k: to_dynamo(v) for k, v in (values or {}).items()}
-    clauses = []
-    if changes:
-        names.update({f"#s{i}": k for i, k in enumerate(changes)})
-        values.update({f":s{i}": to_dynamo(v) for i, v in enumerate(changes.values())})
-        clauses.append("SET " + ", ".join(f"#s{i} = :s{i}" for i in range(len(changes))))
-    if remove:
-        names.update({f"#r{i}": k for i, k in enumerate(remove)})
-        clauses.append("REMOVE " + ", ".join(f"#r{i}" for i in range(len(remove))))
-    if add:
-        names.update({f"#a{i}": k for i, k in enumerate(add)})
-        values.update({f":a{i}": to_dynamo(v) for i, v in enumerate(add.values())})
-        clauses.append("ADD " + ", ".join(f"#a{i} :a{i}" for i in range(len(add))))
-    kwargs = {"Key": key, "UpdateExpression": " ".join(clauses), "ExpressionAttributeNames": names}
+    expression, names, values = update_expression(changes, remove=remove, add=add, names=names, values=values)
+    kwargs = {"Key": key, "UpdateExpression": expression, "ExpressionAttributeNames": names}
     if values:
         kwargs["ExpressionAttributeValues"] = values
     if condition:

@@ -162,20 +162,10 @@ def _typed(value):
 def tx_update(key: dict, changes: dict | None = None, *, condition: str | None = None, names: dict | None = None,
               values: dict | None = None, remove: tuple[str, ...] = (), add: dict | None = None) -> dict:
     """A TransactWriteItems `Update` with the semantics of core.store.update (SET, REMOVE, ADD)."""
-    names, typed_values, clauses = dict(names or {}), {k: _typed(v) for k, v in (values or {}).items()}, []
-    if changes:
-        names.update({f"#s{i}": k for i, k in enumerate(changes)})
-        typed_values.update({f":s{i}": _typed(v) for i, v in enumerate(changes.values())})
-        clauses.append("SET " + ", ".join(f"#s{i} = :s{i}" for i in range(len(changes))))
-    if remove:
-        names.update({f"#r{i}": k for i, k in enumerate(remove)})
-        clauses.append("REMOVE " + ", ".join(f"#r{i}" for i in range(len(remove))))
-    if add:
-        names.update({f"#a{i}": k for i, k in enumerate(add)})
-        typed_values.update({f":a{i}": _typed(v) for i, v in enumerate(add.values())})
-        clauses.append("ADD " + ", ".join(f"#a{i} :a{i}" for i in range(len(add))))
+    expression, names, typed_values = store.update_expression(changes, remove=remove, add=add, names=names,
+                                                              values=values, encode=_typed)
     update = {"TableName": resources.table_name(), "Key": {k: _typed(v) for k, v in key.items()},
-              "UpdateExpression": " ".join(clauses), "ExpressionAttributeNames": names}
+              "UpdateExpression": expression, "ExpressionAttributeNames": names}
     if typed_values:
         update["ExpressionAttributeValues"] = typed_values
     if condition:

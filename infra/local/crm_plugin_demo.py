@@ -12,29 +12,19 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import uuid
 from urllib.parse import urlencode
 
 import requests
 
+from infra.local.demo_timeline import Timeline
+
 
 def main(app: str, crm: str) -> int:
     from functions.records import calls, leads
 
-    start = time.monotonic()
-    deadline = start + float(os.environ.get("DEMO_TIMEOUT_SECONDS", "900"))
-
-    def say(text: str) -> None:
-        print(f"{time.monotonic() - start:7.1f} s  {text}", flush=True)
-
-    def wait(check, what: str):
-        while time.monotonic() < deadline:
-            found = check()
-            if found:
-                return found
-            time.sleep(0.5)
-        raise TimeoutError(what)
+    timeline = Timeline()
+    say, wait = timeline.say, timeline.wait
 
     def cdr_of(call_id: str):
         return next((c for c in requests.get(crm + "/_sandbox/cdrs", timeout=5).json() if c["callId"] == call_id),

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import uuid
 from urllib.parse import urlencode
 
 import requests
+
+from infra.local.demo_timeline import Timeline
 
 PHONE = "+79994445502"  # "02": the Beeline sandbox lets it ring unanswered
 APPROVED = "2"
@@ -26,19 +27,8 @@ def main(app: str, crm: str) -> int:
     token = os.environ.get("CALLBRIDGE_API_TOKEN", "local-api-token")
     auth = {"Authorization": f"Bearer {token}"}
     tranid = f"demo-status:{uuid.uuid4().hex[:10]}"
-    start = time.monotonic()
-    deadline = start + float(os.environ.get("DEMO_TIMEOUT_SECONDS", "900"))
-
-    def say(text: str) -> None:
-        print(f"{time.monotonic() - start:7.1f} s  {text}", flush=True)
-
-    def wait(check, what: str):
-        while time.monotonic() < deadline:
-            found = check()
-            if found:
-                return found
-            time.sleep(0.5)
-        raise TimeoutError(what)
+    timeline = Timeline()
+    say, wait = timeline.say, timeline.wait
 
     form = {"Name": "Демо", "Phone": PHONE, "tranid": tranid, "formid": "form493249737", "utm_source": "demo",
             "subid": "demo-click-1"}

@@ -183,20 +183,26 @@ class Runner:
             return
         handler = self._handler(handler_string)
         interval = max(1.0, period * self.schedule_scale)
-        # Unlike EventBridge, run once at start: the local stack needs its subscription before the first call.
-        first = True
-        while first or not self.stop_event.wait(interval):
-            first = False
-            started = time.perf_counter()
-            try:
-                handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
-                self.record(self.function_name(handler_string), time.perf_counter() - started)
-            except Exception:
-                logger.exception("scheduled handler failed",
-                                 extra={"function_name": self.function_name(handler_string), "schedule": name})
+        while not self.stop_event.wait(interval):
+            self.run_schedule(name, handler_string, handler)
+
+    def run_schedule(self, name: str, handler_string: str, handler=None) -> None:
+        handler = handler or self._handler(handler_string)
+        started = time.perf_counter()
+        try:
+            handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
+            self.record(self.function_name(handler_string), time.perf_counter() - started)
+        except Exception:
+            logger.exception("scheduled handler failed",
+                             extra={"function_name": self.function_name(handler_string), "schedule": name})
 
     def start(self) -> list[threading.Thread]:
         queues, schedules = self.sources()
+        # Unlike EventBridge, every schedule runs once at start, and before any queue is delivered: the first
+        # call must find the Beeline subscription in place (its events would otherwise go nowhere).
+        for name, expression, handler_string in schedules:
+            if rate_seconds(expression) is not None:
+                self.run_schedule(name, handler_string)
         threads = [threading.Thread(target=self.poll, args=(queue, handler), daemon=True, name=f"sqs:{queue}:{i}")
                    for queue, handler, concurrency in queues for i in range(self.pollers(queue, concurrency))]
         threads += [threading.Thread(target=self.tick, args=s, daemon=True, name=f"schedule:{s[0]}")

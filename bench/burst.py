@@ -331,6 +331,12 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
     })
     provider = sum(crm_ops.values()) + sum(pbx_requests.values())
     result["provider_requests_per_dialled_lead"] = round(provider / called, 2) if called else None
+    # The dial's own requests: the order re-read (every ordersFetcher but the order webhook's, one per
+    # webhook post; a failed one re-read later counts here too, so this errs high), agent status, originate.
+    webhook_reads = len(api_by_route.get("POST /webhooks/salesrender/***", []))
+    dial = (max(0, crm_ops.get("ordersFetcher", 0) - webhook_reads) + pbx_requests.get("agent", 0)
+            + pbx_requests.get("call", 0))
+    result["dial_requests_per_dialled_lead"] = round(dial / called, 2) if called else None
     return result
 
 

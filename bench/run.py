@@ -72,7 +72,9 @@ def rows(result: dict) -> list[tuple[str, object, str, object, str]]:
          b["capacity_calls_per_s"], ">= 0.90"),
         ("burst: operator idle gap median, s", b["idle_gap_median_s"], "wrap-up + 2 s", wrap_gap, "<= 1"),
         ("burst: operator idle gap p95, s", b["idle_gap_p95_s"], "wrap-up + 2 s", wrap_gap, "<= 1"),
-        ("provider requests per dialled lead", b["provider_requests_per_dialled_lead"], "target", 3, "<= 1"),
+        # Issue 9's bound is per dial: the CRM re-read, the agent status and the originate.
+        ("provider requests per dial", b.get("dial_requests_per_dialled_lead"), "target", 3, "<= 1"),
+        ("all provider requests per dialled lead", b["provider_requests_per_dialled_lead"], "", None, ""),
         ("DynamoDB requests per lead", dynamo / leads, "", None, ""),
         ("SQS requests per lead (no empty polls)", sqs / leads, "", None, ""),
         ("AWS $ per 1,000 leads, burst", cost["burst"]["usd_per_1000_leads"]["total"], "target $", 0.10, "<= 1"),

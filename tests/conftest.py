@@ -293,6 +293,31 @@ def receive(kind: str, dlq: bool = False, wait: int = 0, max_messages: int = 10)
     ).get("Messages", [])
 
 
+def callbacks_at_once(events: list[dict]) -> list:
+    """Run the callback worker on each Lambda-shaped event in its own thread, all released together:
+    "ok" per event handled, or the exception it raised."""
+    import app
+    from infra.local.runner import LambdaContext
+
+    barrier = threading.Barrier(len(events))
+    results: list = []
+
+    def invoke(event):
+        barrier.wait()
+        try:
+            app.callback_worker(event, LambdaContext("callbridge-test-callback_worker"))
+            results.append("ok")
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=invoke, args=(e,)) for e in events]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def deliver(kind: str, handler_name: str) -> list[bool]:
     """Deliver every visible message of a queue to an app.py handler in Lambda's event shape, as the
     local runner does (same code): True per message handled and deleted, False per failure."""

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import TILDA_KEY, deliver, receive
+from conftest import TILDA_KEY, callbacks_at_once, deliver, receive
 
 from functions.calling import dialer, dnc, retry_policy
 from functions.core import resources
 from functions.records import calls, leads, spend, waiting
-from infra.local.runner import LambdaContext, sqs_event
+from infra.local.runner import sqs_event
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -177,28 +176,6 @@ def _callback_events(n_leads: int, stack) -> list[dict]:
     return [sqs_event(m, arn, "us-east-1") for m in messages]
 
 
-def _run_concurrently(events: list[dict]) -> list:
-    import app
-
-    barrier = threading.Barrier(len(events))
-    results: list = []
-
-    def invoke(event):
-        barrier.wait()
-        try:
-            app.callback_worker(event, LambdaContext("callbridge-test-callback_worker"))
-            results.append("ok")
-        except Exception as exc:
-            results.append(exc)
-
-    threads = [threading.Thread(target=invoke, args=(e,)) for e in events]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def test_twelve_concurrent_callbacks_never_exceed_five_channels(stack, use_config, sent):
     operators_12 = [str(200 + i) for i in range(12)]
     use_config(lambda doc: (doc["provider"].update(channel_limit=5),
@@ -206,7 +183,7 @@ def test_twelve_concurrent_callbacks_never_exceed_five_channels(stack, use_confi
     stack["pbx"].hold(True)  # calls stay up: every originate holds its channel
     events = _callback_events(12, stack)
     sent.clear()
-    assert _run_concurrently(events) == ["ok"] * 12
+    assert callbacks_at_once(events) == ["ok"] * 12
     stats = stack["pbx"].stats()
     assert stats["originates"] == 5 and stats["max_in_flight"] <= 5
     # The other seven wait in the offer's list, oldest first: no callback is re-sent to itself.
@@ -219,7 +196,7 @@ def test_same_callback_delivered_three_times_concurrently_dials_once(stack):
     [event] = _callback_events(1, stack)
     [record] = event["Records"]
     copies = [{"Records": [{**record, "messageId": f"copy-{i}"}]} for i in range(3)]
-    assert _run_concurrently(copies) == ["ok"] * 3
+    assert callbacks_at_once(copies) == ["ok"] * 3
     assert len(originates(stack["pbx"])) == 1
     assert leads.get(leads.lead_id_for("tilda", "tranid:t:0:+7 999 111 1000"))["attempts"] == 1
 

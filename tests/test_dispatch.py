@@ -6,12 +6,11 @@ event shape, against the strict sandboxes; provider requests are counted on the 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from urllib.parse import urlencode
 
 import pytest
-from conftest import TILDA_KEY, deliver, receive
+from conftest import TILDA_KEY, callbacks_at_once, deliver, receive
 
 from functions.calling import channels, dialer, dispatch
 from functions.core import http, resources, store, times
@@ -176,28 +175,6 @@ def test_a_manual_call_waits_ahead_of_older_automatic_callbacks(stack, use_confi
     assert calls.get(call_id)["state"] == "dialing"
 
 
-def _concurrently(events: list[dict]) -> list:
-    import app
-
-    barrier = threading.Barrier(len(events))
-    results: list = []
-
-    def invoke(event):
-        barrier.wait()
-        try:
-            app.callback_worker(event, LambdaContext("callbridge-test-callback_worker"))
-            results.append("ok")
-        except Exception as exc:
-            results.append(exc)
-
-    threads = [threading.Thread(target=invoke, args=(e,)) for e in events]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def test_racing_dispatchers_dial_each_waiting_lead_once_and_lose_none(stack, use_config):
     small(use_config, channel_limit=5, operators=[str(200 + i) for i in range(12)], wrap_up=0)
     slots = [channels.acquire(PROVIDER, 5, f"elsewhere#{i}") for i in range(5)]  # every channel busy
@@ -215,7 +192,7 @@ def test_racing_dispatchers_dial_each_waiting_lead_once_and_lose_none(stack, use
     sqs = resources.client("sqs")
     arn = sqs.get_queue_attributes(QueueUrl=resources.queue_url("callbacks"),
                                    AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    assert _concurrently([sqs_event(m, arn, "us-east-1") for m in messages]) == ["ok"] * 4
+    assert callbacks_at_once([sqs_event(m, arn, "us-east-1") for m in messages]) == ["ok"] * 4
 
     stats = stack["pbx"].stats()
     assert stats["originates"] == 5 and stats["max_in_flight"] <= 5

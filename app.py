@@ -15,8 +15,8 @@ app.register_middleware(ConvertToMiddleware(invocation_context))
 
 
 # --- ops (issue 12 item 8): an invalid configuration answers 503 naming the key, and alarms; never a bare 500 ---
-# Chalice turns a view's exception into a 500 before any middleware sees it, so the views themselves are
-# wrapped, at the first request (when every route of this file is registered). Workers: functions/core/queues.py.
+# Chalice turns a view's exception into a 500 before any middleware sees it, so each view is wrapped, once,
+# at the end of this file (when every route is registered). Workers: functions/core/queues.py.
 def _config_guarded(view):
     def guarded(*args, **kwargs):
         try:
@@ -30,16 +30,7 @@ def _config_guarded(view):
             return Response(status_code=503, headers={"Retry-After": "300"},
                             body={"error": f"callbridge is misconfigured, try again later: {exc}", "field": "config"})
 
-    guarded.config_guarded = True
     return guarded
-
-
-@app.middleware("http")
-def config_errors_answer_503(event, get_response):
-    for entry in (e for methods in app.routes.values() for e in methods.values()):
-        if not getattr(entry.view_function, "config_guarded", False):
-            entry.view_function = _config_guarded(entry.view_function)
-    return get_response(event)
 
 
 FORM_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/form-data"]
@@ -273,3 +264,7 @@ def cdr_worker(event):
 
     for record in event:
         queues.run("cdrs", record, cdr.process)
+
+
+for _entry in (e for methods in app.routes.values() for e in methods.values()):
+    _entry.view_function = _config_guarded(_entry.view_function)

@@ -45,9 +45,10 @@ def alerts_topic_arn() -> str | None:
 def max_concurrency(kind: str) -> int | None:
     """MaximumConcurrency of a queue's event source: the callbacks queue gets one dialer per channel.
 
-    Lambda's range is 2..1000; a dialer that finds no free channel re-sends the callback, so the floor of 2
-    never dials more than the limit. Read only while Chalice packages or deploys (AWS_CHALICE_CLI_MODE): in
-    Lambda the value already sits on the mapping, and loading the configuration would slow every cold start.
+    Lambda's range is 2..1000; a dialer that finds no free channel puts the callback on its offer's waiting
+    list (calling/dispatch.py), so the floor of 2 never dials more than the limit. Read only while Chalice
+    packages or deploys (AWS_CHALICE_CLI_MODE): in Lambda the value already sits on the mapping, and loading
+    the configuration would slow every cold start.
     """
     if kind != "callbacks" or not os.environ.get("AWS_CHALICE_CLI_MODE"):
         return None

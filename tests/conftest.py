@@ -36,10 +36,11 @@ import pytest
 from chalice.test import Client
 from moto import mock_aws
 
-from infra.local import moto_atomic, moto_transactions
+from infra.local import moto_atomic, moto_speed, moto_transactions
 
 moto_atomic.patch()  # DynamoDB's conditional writes are atomic; moto's are not without this
 moto_transactions.patch()  # a transaction's rollback copies its items, not the whole table (records/daily.py)
+moto_speed.patch()  # a Query reads its partition, not the whole table sorted
 
 TILDA_KEY = os.environ["TILDA_API_KEY"]
 EVENTS = ROOT / "events"

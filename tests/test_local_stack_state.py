@@ -149,6 +149,42 @@ def test_the_moto_server_keeps_tables_queues_and_objects_across_a_restart_and_a_
     assert "X-Amz" not in log.read_text() and "Signature=" not in log.read_text().replace("Signature=***", "")
 
 
+POLLER = """
+import sys, boto3
+sqs = boto3.client("sqs", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="local",
+                   aws_secret_access_key="local")
+print("polling", flush=True)
+sqs.receive_message(QueueUrl=sys.argv[2], WaitTimeSeconds=20)
+"""
+
+
+def test_a_long_poll_of_a_killed_client_takes_no_message(tmp_path):
+    """A runner killed mid-poll (make run restarts it) leaves its 20-second long polls in moto; the next
+    message must reach the new runner at once, not hide in flight for the visibility timeout."""
+    port, log = free_port(), tmp_path / "moto.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = _moto(port, tmp_path / "moto-state.pickle", log)
+    try:
+        sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="local",
+                           aws_secret_access_key="local")
+        queue = sqs.create_queue(QueueName="polled", Attributes={"VisibilityTimeout": "300"})["QueueUrl"]
+        pollers = [subprocess.Popen([sys.executable, "-c", POLLER, endpoint, queue], stdout=subprocess.PIPE,
+                                    text=True) for _ in range(3)]
+        for poller in pollers:
+            assert poller.stdout.readline().strip() == "polling"
+        time.sleep(1.5)  # their receives are waiting inside moto
+        for poller in pollers:
+            poller.kill()
+            poller.wait()
+        time.sleep(0.5)
+        sqs.send_message(QueueUrl=queue, MessageBody="the recording job")
+        messages = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=5).get("Messages", [])
+        assert [m["Body"] for m in messages] == ["the recording job"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_fresh_removes_only_the_saved_state(tmp_path):
     for name in ("moto-state.pickle", "salesrender-state.json", "beeline-state.json", "moto.log"):
         (tmp_path / name).write_text("x")

@@ -17,6 +17,11 @@ the snapshot was taken comes back after the restart: at least once, as in SQS. A
 most the changes since the last snapshot. (A snapshot every 0.25 s, as before, stopped every request for the
 length of a pickle four times a second: under a burst that doubled the Tilda -> originate latency.)
 
+Long polls of a client that is gone: the runner polls with 20-second long polls, as Lambda does. A runner
+killed (or restarted by `make run`) leaves its polls waiting in moto, and one of them would take the next
+message for a connection nobody reads, hiding it for the queue's visibility timeout. A poll whose client has
+closed its connection now gives up before it takes a message (`ClientGone`).
+
 Request counts: every request is counted by service and operation (`GET /_callbridge/requests`), so the
 bench can state DynamoDB and SQS requests per lead.
 
@@ -38,6 +43,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -74,6 +80,60 @@ def patch() -> None:
 
         atomic._atomic = True
         setattr(DynamoDBBackend, name, atomic)
+
+
+class ClientGone(Exception):
+    """The client of this request closed its connection."""
+
+
+_CLIENT = threading.local()
+
+
+def client_gone() -> bool:
+    """True when this request's client has closed its connection (EOF waiting on its socket)."""
+    sock = getattr(_CLIENT, "socket", None)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing sent: the client is waiting for the answer
+    except OSError:
+        return True
+
+
+def watch_clients(app):
+    """WSGI middleware: the request's socket is where a long poll can see that its client is gone."""
+    def application(environ, start_response):
+        _CLIENT.socket = environ.get("werkzeug.socket")
+        try:
+            return app(environ, start_response)
+        except ClientGone:
+            start_response("499 Client Closed Request", [("Content-Length", "0")])
+            return [b""]
+        finally:
+            _CLIENT.socket = None
+
+    return application
+
+
+def patch_long_poll_of_gone_clients() -> None:
+    """A long poll checks its client before it waits and when it wakes: one that is gone takes no message."""
+    from moto.sqs.models import Queue
+
+    wait = Queue.wait_for_messages
+    if getattr(wait, "_client_checked", False):
+        return
+
+    def wait_for_messages(queue, timeout):
+        if client_gone():
+            raise ClientGone
+        wait(queue, timeout)
+        if client_gone():
+            raise ClientGone
+
+    wait_for_messages._client_checked = True
+    Queue.wait_for_messages = wait_for_messages
 
 
 class SharedLock:
@@ -334,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds queue URLs from it
 
     patch()
-    from infra.local import moto_transactions
+    from infra.local import moto_speed, moto_transactions
 
     moto_transactions.patch()  # a transaction's rollback copies its items, not the whole table (the burst's cost)
+    moto_speed.patch()  # a Query reads its partition, not the whole table sorted (the burst's other cost)
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
@@ -360,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         snapshots.patch_long_poll()
         app = snapshots.wsgi(app)
-    app = RequestCounts(app)
+    patch_long_poll_of_gone_clients()
+    app = RequestCounts(watch_clients(app))
 
     server = make_server(args.host, args.port, app, threaded=True, request_handler=Handler)
     stop = threading.Event()

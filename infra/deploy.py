@@ -12,11 +12,12 @@
 3. creates the SSM SecureStrings /callbridge/<stage>/<name> that are missing: generated for the secrets
    callbridge owns, read from the environment or asked for (no echo) for the ones a provider issues.
    Existing ones are never overwritten and no value is ever printed;
-4. writes the stack outputs into stages.<stage>.environment_variables of .chalice/config.json and the
-   stage's IAM policy (.chalice/policy-<stage>.json) generated from those outputs;
+4. writes the stack outputs into stages.<stage>.environment_variables of .chalice/config.json and one IAM
+   policy per Lambda function (.chalice/policy-<stage>-<function>.json) generated from those outputs;
 5. `chalice package` into a scratch directory, byte-compiles the zip (compile_package: .pyc files for the
    runtime's Python with unchecked hashes, also in the cached zip that `chalice deploy` uploads) and checks
-   that every function is wired to this stage's queues, names and policy, then `chalice deploy --stage <stage>`;
+   that every function is wired to this stage's queues and names and has its own role with its own policy,
+   then `chalice deploy --stage <stage>`;
 6. puts the API URL into the stage's environment as PUBLIC_BASE_URL (subscription URL, recording links)
    and deploys again when it changed (only on the first run, or after the API was recreated);
 7. applies what Chalice cannot express (log retention of the functions' log groups), runs the doctor
@@ -67,19 +68,44 @@ PROVIDER_SECRETS = {
 }
 COMPANY_ID_HELP = "SalesRender company id: the number in your CRM address, https://<host>/companies/<id>/..."
 
-# What the functions' role may do, as (sid, actions, resource kind). tests/test_iam.py proves that this list
-# is exactly what functions/ calls (plus what Lambda itself needs for logs and SQS event sources).
+# Every Lambda function has its own role and policy (.chalice/policy-<stage>-<function>.json). FUNCTION_CALLS
+# is what each function's code can call: the boto3 calls of the modules its handler imports, transitively
+# (module granularity), with Powertools' own calls. tests/test_iam.py derives it from the source and proves
+# this table equal to it both ways, so a new call fails a test until it is granted here, where it is reviewed.
+STATE_TABLE_CALLS = ("dynamodb:DeleteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query",
+                     "dynamodb:UpdateItem")  # functions/core/store.py and records/, which every function imports
+SEND_CALLS = ("sqs:ChangeMessageVisibility", "sqs:GetQueueUrl", "sqs:SendMessage")  # functions/core/queues.py
+FUNCTION_CALLS = {
+    # Every route of app.py runs in this one function.
+    "api_handler": (*STATE_TABLE_CALLS, *SEND_CALLS, "s3:GetObject", "s3:PutObject", "sns:Publish",
+                    "ssm:GetParameter"),
+    "intake_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "ssm:GetParameter"),
+    "callback_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
+    "recording_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "s3:GetObject", "s3:PutObject", "ssm:GetParameter"),
+    "subscription_keeper": (*STATE_TABLE_CALLS, "sqs:GetQueueUrl", "ssm:GetParameter"),
+    "call_reconciler": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
+    "dispatch_sweeper": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish"),
+    "postback_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
+    "cdr_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "s3:GetObject", "sns:Publish", "ssm:GetParameter"),
+}
+# The queue of each app.py @app.on_sqs_message handler (resources.queue_name(<kind>)).
+EVENT_QUEUES = {"intake_worker": "intake", "callback_worker": "callbacks", "recording_worker": "recordings",
+                "postback_worker": "postbacks", "cdr_worker": "cdrs"}
+LOG_CALLS = ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents")
+# Lambda's event-source mapping polls the function's queue with the function's role.
+POLL_CALLS = ("sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ReceiveMessage")
+
+# A policy's statements, as (sid, resource kind, the actions it may hold); a function's statement holds those
+# of its actions, and is left out when it has none.
 GRANTS = (
-    ("WriteOwnLambdaLogs", ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"), "log_groups"),
-    # Receive/Delete/GetQueueAttributes: the SQS event-source mappings poll with the function's role.
-    ("UseStageQueues", ("sqs:ChangeMessageVisibility", "sqs:DeleteMessage", "sqs:GetQueueAttributes",
-                        "sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:SendMessage"), "queues"),
-    ("UseStateTable", ("dynamodb:DeleteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query",
-                       "dynamodb:UpdateItem"), "table"),
-    ("ReadWriteRecordings", ("s3:GetObject", "s3:PutObject"), "bucket_objects"),
-    ("ReadStageSecrets", ("ssm:GetParameter",), "ssm_parameters"),
-    ("DecryptSecureStringsThroughSsm", ("kms:Decrypt",), "kms_via_ssm"),
-    ("PublishOwnerAlerts", ("sns:Publish",), "alerts_topic"),  # calling/alerts.py (R-23)
+    ("WriteOwnLambdaLogs", "own_log_group", LOG_CALLS),
+    ("PollOwnEventQueue", "own_queue", POLL_CALLS),
+    ("UseStageQueues", "queues", SEND_CALLS),
+    ("UseStateTable", "table", STATE_TABLE_CALLS),
+    ("UseRecordingsBucket", "bucket_objects", ("s3:GetObject", "s3:PutObject")),
+    ("ReadStageSecrets", "ssm_parameters", ("ssm:GetParameter",)),
+    ("DecryptSecureStringsThroughSsm", "kms_via_ssm", ("kms:Decrypt",)),
+    ("PublishOwnerAlerts", "alerts_topic", ("sns:Publish",)),  # calling/alerts.py (R-23)
 )
 
 
@@ -138,10 +164,15 @@ def check_stage(stage: str, environ: dict, chalice_config: dict) -> None:
     if env.get("CALLBRIDGE_CONFIG", wanted_config) != wanted_config:
         problems.append(f".chalice/config.json: stages.{stage}.environment_variables.CALLBRIDGE_CONFIG is "
                         f"{env['CALLBRIDGE_CONFIG']!r}, not {wanted_config!r}")
-    policy = entry.get("iam_policy_file", f"policy-{stage}.json")
-    if policy != f"policy-{stage}.json":
-        problems.append(f".chalice/config.json: stages.{stage}.iam_policy_file is {policy!r}, "
-                        f"not 'policy-{stage}.json'")
+    if "iam_policy_file" in entry:
+        # Chalice would give it to every function without its own entry: one shared policy again.
+        problems.append(f".chalice/config.json: stages.{stage}.iam_policy_file is {entry['iam_policy_file']!r}: "
+                        f"remove it, each function has its own (lambda_functions.<function>.iam_policy_file)")
+    for function, settings in sorted(entry.get("lambda_functions", {}).items()):
+        policy = settings.get("iam_policy_file", policy_file_name(stage, function))
+        if policy != policy_file_name(stage, function):
+            problems.append(f".chalice/config.json: stages.{stage}.lambda_functions.{function}.iam_policy_file is "
+                            f"{policy!r}, not {policy_file_name(stage, function)!r}")
     for key in ("autogen_policy",):
         if chalice_config.get(key, True) is not False or entry.get(key, False) is not False:
             problems.append(".chalice/config.json: autogen_policy must be false (it misses calls made in functions/)")
@@ -294,7 +325,7 @@ def company_id(environ: dict, current: dict, ask: Callable[[str, str], str] = _a
     return value
 
 
-# --- 4. .chalice/config.json and the IAM policy ---------------------------------------------------------
+# --- 4. .chalice/config.json and the IAM policies -------------------------------------------------------
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -304,6 +335,11 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
+def policy_file_name(stage: str, function: str) -> str:
+    """The function's policy file in .chalice/ (its role is callbridge-<stage>-<function>, Chalice's name)."""
+    return f"policy-{stage}-{function}.json"
+
+
 def write_chalice_config(project_dir: Path, stage: str, env: dict[str, str]) -> bool:
     """Merge `env` into the stage's environment; the same input writes the same bytes (True if it changed)."""
     path = project_dir / ".chalice" / "config.json"
@@ -311,17 +347,28 @@ def write_chalice_config(project_dir: Path, stage: str, env: dict[str, str]) -> 
     data["autogen_policy"] = False
     entry = data.setdefault("stages", {}).setdefault(stage, {})
     entry["api_gateway_stage"] = API_GATEWAY_STAGE
-    entry["iam_policy_file"] = f"policy-{stage}.json"
+    entry.pop("iam_policy_file", None)  # the stage-wide policy every function shared before
+    functions = entry.setdefault("lambda_functions", {})
+    for function in FUNCTION_CALLS:
+        functions.setdefault(function, {})["iam_policy_file"] = policy_file_name(stage, function)
     entry.setdefault("environment_variables", {}).update(env)
     return _write_if_changed(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _arns(stage: str, outputs: dict[str, str], account: str, region: str, partition: str) -> dict[str, list[str]]:
-    log_group = f"arn:{partition}:logs:{region}:{account}:log-group:/aws/lambda/callbridge-{stage}"
+def lambda_name(stage: str, function: str) -> str:
+    """The Lambda function `chalice deploy` creates: callbridge-<stage> for the API, else callbridge-<stage>-<name>."""
+    return f"callbridge-{stage}" if function == "api_handler" else f"callbridge-{stage}-{function}"
+
+
+def _arns(stage: str, outputs: dict[str, str], account: str, region: str, partition: str,
+          function: str) -> dict[str, list[str]]:
+    log_group = f"arn:{partition}:logs:{region}:{account}:log-group:/aws/lambda/{lambda_name(stage, function)}"
     table = f"arn:{partition}:dynamodb:{region}:{account}:table/{outputs['StateTableName']}"
+    queue = EVENT_QUEUES.get(function)
     return {
-        # The API handler's function is callbridge-<stage>; every other one callbridge-<stage>-<name>.
-        "log_groups": [log_group, f"{log_group}:log-stream:*", f"{log_group}-*", f"{log_group}-*:log-stream:*"],
+        "own_log_group": [log_group, f"{log_group}:log-stream:*"],
+        "own_queue": [f"arn:{partition}:sqs:{region}:{account}:{outputs[f'{queue.capitalize()}QueueName']}"]
+        if queue else [],
         "queues": [f"arn:{partition}:sqs:{region}:{account}:{outputs[k]}" for k in QUEUE_OUTPUTS],
         "table": [table, f"{table}/index/*"],
         "bucket_objects": [f"arn:{partition}:s3:::{outputs['RecordingsBucketName']}/*"],
@@ -331,16 +378,38 @@ def _arns(stage: str, outputs: dict[str, str], account: str, region: str, partit
     }
 
 
-def policy_document(stage: str, outputs: dict[str, str], account: str, region: str, partition: str = "aws") -> dict:
-    """The stage's role policy, every resource named from the stack's outputs (account/region may be '*')."""
-    arns = _arns(stage, outputs, account, region, partition)
+def function_actions(function: str) -> set[str]:
+    """Its code's calls, and what Lambda does with its role: logs; polling its queue; SecureString decryption."""
+    actions = {*FUNCTION_CALLS[function], *LOG_CALLS}
+    if function in EVENT_QUEUES:
+        actions.update(POLL_CALLS)
+    if "ssm:GetParameter" in actions:
+        actions.add("kms:Decrypt")  # the stage's secrets are SecureStrings (functions/core/secrets.py)
+    return actions
+
+
+def policy_document(function: str, stage: str, outputs: dict[str, str], account: str, region: str,
+                    partition: str = "aws") -> dict:
+    """One function's role policy, every resource named from the stack's outputs (account/region may be '*')."""
+    arns = _arns(stage, outputs, account, region, partition, function)
+    actions = function_actions(function)
     statements = []
-    for sid, actions, kind in GRANTS:
-        statement = {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": arns[kind]}
+    for sid, kind, allowed in GRANTS:
+        mine = sorted(actions.intersection(allowed))
+        if not mine:
+            continue
+        statement = {"Sid": sid, "Effect": "Allow", "Action": mine, "Resource": arns[kind]}
         if kind == "kms_via_ssm":
             statement["Condition"] = {"StringLike": {"kms:ViaService": f"ssm.{region}.amazonaws.com"}}
         statements.append(statement)
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def function_policies(stage: str, outputs: dict[str, str], account: str, region: str,
+                      partition: str = "aws") -> dict[str, dict]:
+    """Every function's policy document, by function name."""
+    return {function: policy_document(function, stage, outputs, account, region, partition)
+            for function in FUNCTION_CALLS}
 
 
 def offline_outputs(stage: str) -> dict[str, str]:
@@ -352,9 +421,17 @@ def offline_outputs(stage: str) -> dict[str, str]:
             "AlertsTopicArn": f"arn:aws:sns:*:*:callbridge-{stage}-alerts"}
 
 
-def write_policy(project_dir: Path, stage: str, document: dict) -> bool:
-    path = project_dir / ".chalice" / f"policy-{stage}.json"
-    return _write_if_changed(path, json.dumps(document, indent=2) + "\n")
+def write_policies(project_dir: Path, stage: str, policies: dict[str, dict]) -> list[str]:
+    """Writes each function's policy file; returns the functions whose file changed."""
+    return [function for function, document in policies.items()
+            if _write_if_changed(project_dir / ".chalice" / policy_file_name(stage, function),
+                                 json.dumps(document, indent=2) + "\n")]
+
+
+def read_policies(project_dir: Path, stage: str) -> dict[str, dict]:
+    """The policy files the functions of this stage deploy with, by function name."""
+    return {function: json.loads((project_dir / ".chalice" / policy_file_name(stage, function))
+                                 .read_text(encoding="utf-8")) for function in FUNCTION_CALLS}
 
 
 # --- 5. chalice package / deploy ------------------------------------------------------------------------
@@ -392,21 +469,35 @@ def expected_concurrency(document) -> int:
     return max(2, document.provider.channel_limit)
 
 
-def check_package(sam: dict, stage: str, variables: dict[str, str], queues: set[str], policy: dict,
+def _polled_queues(policy: dict) -> set[str]:
+    """Names of the queues a policy lets an event-source mapping poll."""
+    return {arn.rsplit(":", 1)[-1] for s in policy["Statement"] if "sqs:ReceiveMessage" in s["Action"]
+            for arn in s["Resource"]}
+
+
+def check_package(sam: dict, stage: str, variables: dict[str, str], queues: set[str], policies: dict[str, dict],
                   concurrency: int, callbacks_queue: str) -> list[str]:
-    """Problems in a `chalice package` template: anything wired to another stage, or not to this policy."""
+    """Problems in a `chalice package` template: anything wired to another stage, or a function without its own
+    role holding exactly its own policy (`policies`: function name -> the document of its policy file)."""
+    from chalice.utils import to_cfn_resource_name
+
     problems = []
-    functions = {k: r["Properties"] for k, r in sam["Resources"].items() if r["Type"] == "AWS::Serverless::Function"}
+    resources = sam["Resources"]
+    functions = {k: r["Properties"] for k, r in resources.items() if r["Type"] == "AWS::Serverless::Function"}
+    known = {"APIHandler" if f == "api_handler" else to_cfn_resource_name(f): f for f in policies}
+    role_users: dict[str, list[str]] = {}
     for name, props in functions.items():
         found = props.get("Environment", {}).get("Variables", {})
         for var, value in variables.items():
             if found.get(var) != value:
                 problems.append(f"{name}: {var}={found.get(var)!r}, expected {value!r}")
+        polled = set()
         for event_name, event in props.get("Events", {}).items():
             if event["Type"] != "SQS":
                 continue
             queue = event["Properties"]["Queue"]
             queue_name = (queue.get("Fn::Sub", "") if isinstance(queue, dict) else queue).rsplit(":", 1)[-1]
+            polled.add(queue_name)
             if queue_name not in queues:
                 problems.append(f"{name}.{event_name}: reads queue {queue_name}, not one of stage {stage}'s")
             if event["Properties"].get("BatchSize") != 1:
@@ -415,17 +506,39 @@ def check_package(sam: dict, stage: str, variables: dict[str, str], queues: set[
                 got = event["Properties"].get("ScalingConfig", {}).get("MaximumConcurrency")
                 if got != concurrency:
                     problems.append(f"{name}.{event_name}: MaximumConcurrency {got}, expected {concurrency}")
-    for key, role in sam["Resources"].items():
-        if role["Type"] == "AWS::IAM::Role":
-            documents = [p["PolicyDocument"] for p in role["Properties"].get("Policies", [])]
-            if documents != [policy]:
-                problems.append(f"{key}: its policy is not .chalice/policy-{stage}.json")
+        function = known.get(name)
+        if function is None:
+            problems.append(f"{name}: a function infra/deploy.py has no policy for (add it to FUNCTION_CALLS)")
+            continue
+        role = props.get("Role")
+        if not (isinstance(role, dict) and list(role) == ["Fn::GetAtt"] and role["Fn::GetAtt"][1] == "Arn"
+                and resources.get(role["Fn::GetAtt"][0], {}).get("Type") == "AWS::IAM::Role"):
+            problems.append(f"{name}: its role {role!r} is not a role of this template")
+            continue
+        role_key = role["Fn::GetAtt"][0]
+        role_users.setdefault(role_key, []).append(name)
+        documents = [p["PolicyDocument"] for p in resources[role_key]["Properties"].get("Policies", [])]
+        if documents != [policies[function]]:
+            problems.append(f"{name}: its role {role_key} does not hold exactly "
+                            f".chalice/{policy_file_name(stage, function)}")
+        if polled != _polled_queues(policies[function]):
+            problems.append(f"{name}: polls {sorted(polled)}, its policy lets it poll "
+                            f"{sorted(_polled_queues(policies[function]))}")
+    for role_key, users in sorted(role_users.items()):
+        if len(users) > 1:
+            problems.append(f"{role_key}: the role of {len(users)} functions ({', '.join(sorted(users))}), "
+                            f"each needs its own")
+    for key in sorted(k for k, r in resources.items() if r["Type"] == "AWS::IAM::Role" and k not in role_users):
+        problems.append(f"{key}: a role no checked function uses")
+    for key in sorted(set(known) - set(functions)):
+        problems.append(f"{key}: infra/deploy.py has a policy for {known[key]}, the package has no such function")
     return problems
 
 
-def check_stage_package(sam: dict, stage: str, stage_env: dict[str, str], policy: dict, document) -> None:
+def check_stage_package(sam: dict, stage: str, stage_env: dict[str, str], policies: dict[str, dict],
+                        document) -> None:
     queues = {stage_env[f"{q.upper()}_QUEUE"] for q in QUEUES}
-    problems = check_package(sam, stage, stage_env, queues, policy, expected_concurrency(document),
+    problems = check_package(sam, stage, stage_env, queues, policies, expected_concurrency(document),
                              stage_env["CALLBACKS_QUEUE"])
     if problems:
         raise DeployError(f"chalice package is not wired to stage {stage}:\n  " + "\n  ".join(problems))
@@ -626,17 +739,18 @@ def deploy(stage: str, project_dir: Path = ROOT, environ: dict | None = None, en
     account = session.client("sts", endpoint_url=endpoint_url).get_caller_identity()["Account"]
     from infra.local.stack import _partition
 
-    policy = policy_document(stage, outputs, account, region, _partition(region))
-    for label, changed in ((".chalice/config.json", write_chalice_config(project_dir, stage, stage_env)),
-                           (f".chalice/policy-{stage}.json", write_policy(project_dir, stage, policy))):
-        _say(f"{label}: {'written' if changed else 'unchanged'}")
+    policies = function_policies(stage, outputs, account, region, _partition(region))
+    _say(f".chalice/config.json: {'written' if write_chalice_config(project_dir, stage, stage_env) else 'unchanged'}")
+    changed = write_policies(project_dir, stage, policies)
+    _say(f".chalice/policy-{stage}-<function>.json ({len(policies)} functions): "
+         f"{'written for ' + ', '.join(changed) if changed else 'unchanged'}")
 
     env = chalice_environment(environ, stage_env)
     env["AWS_DEFAULT_REGION"] = region
     with tempfile.TemporaryDirectory(prefix="callbridge-package-") as scratch:
         sam = package(project_dir, stage, env, package_dir or Path(scratch) / "out")
-    check_stage_package(sam, stage, stage_env, policy, document)
-    _say("chalice package: every function uses this stage's queues, names and policy")
+    check_stage_package(sam, stage, stage_env, policies, document)
+    _say("chalice package: every function uses this stage's queues and names, and its own role and policy")
 
     remove_orphan_mappings(session.client("lambda", endpoint_url=endpoint_url), project_dir, stage)
     _say(f"chalice deploy --stage {stage}")
@@ -727,15 +841,17 @@ def package_command(stage: str, out_dir: Path, project_dir: Path = ROOT, environ
     configured = current.get("stages", {}).get(stage, {}).get("environment_variables", {})
     stage_env = {**stage_environment(stage, offline_outputs(stage)), **configured}
     check_shell_resources(environ, stage_env)
-    policy_path = project_dir / ".chalice" / f"policy-{stage}.json"
-    if not policy_path.exists():
-        write_policy(project_dir, stage, policy_document(stage, offline_outputs(stage), "*", "*"))
-    policy = json.loads(policy_path.read_text(encoding="utf-8"))
+    # A stage never deployed gets its entries and offline policies; a deployed one's files name its account.
+    write_chalice_config(project_dir, stage, {})
+    for function, policy in function_policies(stage, offline_outputs(stage), "*", "*").items():
+        if not (project_dir / ".chalice" / policy_file_name(stage, function)).exists():
+            write_policies(project_dir, stage, {function: policy})
+    policies = read_policies(project_dir, stage)
     known = {k: v for k, v in stage_env.items() if "*" not in v and (k in configured or k.endswith("_QUEUE"))}
     sam = package(project_dir, stage, chalice_environment(environ, known), out_dir)
     variables = {k: v for k, v in known.items() if k in configured}
     queues = {stage_env[f"{q.upper()}_QUEUE"] for q in QUEUES}
-    problems = check_package(sam, stage, variables, queues, policy, expected_concurrency(document),
+    problems = check_package(sam, stage, variables, queues, policies, expected_concurrency(document),
                              stage_env["CALLBACKS_QUEUE"])
     if problems:
         raise DeployError(f"chalice package is not wired to stage {stage}:\n  " + "\n  ".join(problems))

@@ -99,7 +99,7 @@ def state(moto_url: str, project: Path) -> dict:
         "change_sets": cfn.list_change_sets(StackName=f"callbridge-{STAGE}")["Summaries"],
         "secrets": sorted((p["Name"], p["Version"]) for p in ssm.describe_parameters()["Parameters"]),
         "config": (project / ".chalice" / "config.json").read_bytes(),
-        "policy": (project / ".chalice" / f"policy-{STAGE}.json").read_bytes(),
+        "policies": {p.name: p.read_bytes() for p in sorted((project / ".chalice").glob(f"policy-{STAGE}*.json"))},
         "functions": functions,
         "mappings": mappings,
     }
@@ -185,12 +185,18 @@ def test_rehearsal_writes_the_stage_environment_and_policy_from_the_outputs(rehe
     assert env["RECORDINGS_BUCKET"] == "callbridge-prod-recordings-123456789012"
     assert env["ALERTS_TOPIC_ARN"] == "arn:aws:sns:us-east-1:123456789012:callbridge-prod-alerts"
     assert env["SALESRENDER_COMPANY_ID"] == "4242"
-    assert stage["iam_policy_file"] == "policy-prod.json"
-    policy = json.loads((project / ".chalice" / "policy-prod.json").read_text())
-    resources = {r for s in policy["Statement"] for r in s["Resource"]}
-    assert "arn:aws:dynamodb:us-east-1:123456789012:table/callbridge-prod-state" in resources
-    assert "arn:aws:s3:::callbridge-prod-recordings-123456789012/*" in resources
-    assert not any("dev" in r for r in resources)
+    assert "iam_policy_file" not in stage
+    assert {f: s["iam_policy_file"] for f, s in stage["lambda_functions"].items()} == \
+        {f: f"policy-prod-{f}.json" for f in deploy.FUNCTION_CALLS}
+    for function in deploy.FUNCTION_CALLS:
+        policy = json.loads((project / ".chalice" / f"policy-prod-{function}.json").read_text())
+        resources = {r for s in policy["Statement"] for r in s["Resource"]}
+        assert "arn:aws:dynamodb:us-east-1:123456789012:table/callbridge-prod-state" in resources
+        assert not any("dev" in r for r in resources)
+    recorder = json.loads((project / ".chalice" / "policy-prod-recording_worker.json").read_text())
+    assert {"arn:aws:sqs:us-east-1:123456789012:callbridge-prod-recordings",
+            "arn:aws:s3:::callbridge-prod-recordings-123456789012/*"} <= {r for s in recorder["Statement"]
+                                                                          for r in s["Resource"]}
 
 
 def test_rehearsal_package_is_wired_to_the_stage_and_passes_cfn_lint(rehearsal):
@@ -204,6 +210,14 @@ def test_rehearsal_package_is_wired_to_the_stage_and_passes_cfn_lint(rehearsal):
     assert event["Properties"]["Queue"]["Fn::Sub"].endswith(":callbridge-prod-callbacks")
     assert event["Properties"]["ScalingConfig"] == {"MaximumConcurrency": 5}  # config/prod.yaml channel_limit
     assert functions["SubscriptionKeeper"]["Timeout"] == 180 and functions["CallReconciler"]["Timeout"] == 120
+    # Each function its own role, holding its own policy file (Chalice names the role <Function>Role).
+    roles = {name: props["Role"]["Fn::GetAtt"][0] for name, props in functions.items()}
+    assert len(set(roles.values())) == len(roles) == len(deploy.FUNCTION_CALLS)
+    policy_dir = rehearsal["project"] / ".chalice"
+    for function in deploy.FUNCTION_CALLS:
+        key = "APIHandler" if function == "api_handler" else function.title().replace("_", "")
+        (held,) = sam["Resources"][roles[key]]["Properties"]["Policies"]
+        assert held["PolicyDocument"] == json.loads((policy_dir / f"policy-prod-{function}.json").read_text())
     result = subprocess.run([str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable",
                              str(rehearsal["package_dir"] / "sam.json")], capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stdout.splitlines() if ":E" in line]  # SAM's own output has warnings
@@ -227,7 +241,8 @@ def test_rehearsal_second_run_changes_nothing(rehearsal):
     out, _, second = rehearsal["second"]
     assert second == first
     assert "stack callbridge-prod: no changes" in out
-    assert ".chalice/config.json: unchanged" in out and ".chalice/policy-prod.json: unchanged" in out
+    assert ".chalice/config.json: unchanged" in out
+    assert ".chalice/policy-prod-<function>.json (9 functions): unchanged" in out
     assert "created" not in out.replace("CREATE_COMPLETE", "")
 
 
@@ -249,11 +264,14 @@ def test_a_shell_stage_other_than_the_deployed_one_fails_the_deploy():
 def test_a_chalice_stage_naming_another_stage_fails_the_deploy():
     config = chalice_config()
     config["stages"]["prod"]["environment_variables"]["CALLBRIDGE_STAGE"] = "dev"
-    config["stages"]["prod"]["iam_policy_file"] = "policy-dev.json"
+    functions = config["stages"]["prod"]["lambda_functions"]
+    functions["callback_worker"]["iam_policy_file"] = "policy-dev-callback_worker.json"
+    config["stages"]["prod"]["iam_policy_file"] = "policy-prod.json"
     with pytest.raises(deploy.DeployError) as failed:
         deploy.check_stage("prod", {}, config)
     assert "CALLBRIDGE_STAGE is 'dev', not 'prod'" in str(failed.value)
-    assert "iam_policy_file is 'policy-dev.json'" in str(failed.value)
+    assert "lambda_functions.callback_worker.iam_policy_file is 'policy-dev-callback_worker.json'" in str(failed.value)
+    assert "stages.prod.iam_policy_file is 'policy-prod.json': remove it" in str(failed.value)
 
 
 def test_a_resource_name_left_in_the_shell_fails_the_deploy():
@@ -262,21 +280,28 @@ def test_a_resource_name_left_in_the_shell_fails_the_deploy():
         deploy.check_shell_resources({"INTAKE_QUEUE": "callbridge-dev-intake"}, env)
 
 
-def test_every_stage_has_its_own_policy_file_or_none():
+def test_every_stage_has_its_own_policy_files_or_none():
     for name, stage in chalice_config()["stages"].items():
-        assert stage.get("iam_policy_file", f"policy-{name}.json") == f"policy-{name}.json", name
+        assert "iam_policy_file" not in stage, name
+        for function, settings in stage.get("lambda_functions", {}).items():
+            assert settings["iam_policy_file"] == f"policy-{name}-{function}.json", (name, function)
     assert chalice_config()["autogen_policy"] is False
 
 
 def test_package_check_names_a_function_wired_to_another_stage():
+    policy = deploy.policy_document("callback_worker", "prod", deploy.offline_outputs("prod"), "*", "*")
     sam = {"Resources": {"CallbackWorker": {"Type": "AWS::Serverless::Function", "Properties": {
         "Environment": {"Variables": {"CALLBRIDGE_STAGE": "dev"}},
+        "Role": {"Fn::GetAtt": ["CallbackWorkerRole", "Arn"]},
         "Events": {"E": {"Type": "SQS", "Properties": {"Queue": {"Fn::Sub": "arn:...:callbridge-dev-callbacks"},
-                                                       "BatchSize": 1}}}}}}}
-    problems = deploy.check_package(sam, "prod", {"CALLBRIDGE_STAGE": "prod"}, {"callbridge-prod-callbacks"}, {}, 5,
-                                    "callbridge-prod-callbacks")
+                                                       "BatchSize": 1}}}}},
+        "CallbackWorkerRole": {"Type": "AWS::IAM::Role", "Properties": {"Policies": [{"PolicyDocument": policy}]}}}}
+    problems = deploy.check_package(sam, "prod", {"CALLBRIDGE_STAGE": "prod"}, {"callbridge-prod-callbacks"},
+                                    {"callback_worker": policy}, 5, "callbridge-prod-callbacks")
     assert problems == ["CallbackWorker: CALLBRIDGE_STAGE='dev', expected 'prod'",
-                        "CallbackWorker.E: reads queue callbridge-dev-callbacks, not one of stage prod's"]
+                        "CallbackWorker.E: reads queue callbridge-dev-callbacks, not one of stage prod's",
+                        "CallbackWorker: polls ['callbridge-dev-callbacks'], its policy lets it poll "
+                        "['callbridge-prod-callbacks']"]
 
 
 # --- the configuration document -----------------------------------------------------------------------

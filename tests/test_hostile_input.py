@@ -17,6 +17,7 @@ from conftest import TILDA_KEY, bodies, receive
 
 from functions.core import resources, times
 from functions.records import leads
+from functions.records import rejected as rejected_posts
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -35,7 +36,7 @@ def form(**fields):
 
 
 def rejected(rejected_id: str) -> dict:
-    [kept] = [r for r in leads.rejected_on(times.now_iso()[:10]) if r["rejected_id"] == rejected_id]
+    [kept] = [r for r in rejected_posts.on(times.now_iso()[:10]) if r["rejected_id"] == rejected_id]
     return kept
 
 
@@ -95,7 +96,7 @@ def test_an_unreadable_post_without_a_key_outside_the_body_is_400_and_not_stored
     response = post(client, body, JSON)
     assert response.status_code == 400 and response.json_body["field"] == "body"
     assert "rejected_id" not in response.json_body
-    assert leads.rejected_on(times.now_iso()[:10]) == []
+    assert rejected_posts.on(times.now_iso()[:10]) == []
 
 
 def test_a_rejected_post_over_400_kb_is_kept_whole(client):

@@ -1,4 +1,4 @@
-"""infra/template.yaml, the local stack built from it (infra/local/stack.py) and the IAM policy files.
+"""infra/template.yaml, and the local stack built from it (infra/local/stack.py).
 
 Self-contained: sets its own fake AWS environment and runs moto in-process, so it depends on neither
 conftest.py nor a running moto server.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import boto3
@@ -268,80 +267,7 @@ def test_cli_prints_the_environment(aws, capsys):
 # --- IAM policy files ----------------------------------------------------------------------------------
 
 
-def allowed(policy: dict, action: str, resource: str) -> bool:
-    """A minimal IAM evaluation (Allow statements, wildcards in resources), enough for these files."""
-    for statement in policy["Statement"]:
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
-        if (
-            statement["Effect"] == "Allow"
-            and action in actions
-            and any(fnmatchcase(resource, pattern) for pattern in resources)
-        ):
-            return True
-    return False
-
-
-def stage_arns(stage: str) -> dict[str, list[str]]:
-    """ARNs of the stage's resources, named from the template itself."""
-    template = stack.load_template()
-    resolver = stack.Resolver(
-        template,
-        stack._parameter_values(template, {"Stage": stage}),
-        stack._pseudo_parameters("123456789012", "eu-central-1", f"callbridge-{stage}"),
-    )
-    name_keys = ("QueueName", "TableName", "BucketName", "TopicName")
-    props = {
-        name: {k: resolver.resolve(v) for k, v in r.get("Properties", {}).items() if k in name_keys}
-        for name, r in template["Resources"].items()
-    }
-    prefix = "arn:aws:{}:eu-central-1:123456789012:"
-    queues = [
-        prefix.format("sqs") + props[f"{k.capitalize()}{s}"]["QueueName"] for k in KINDS for s in ("Queue", "Dlq")
-    ]
-    table = prefix.format("dynamodb") + "table/" + props["StateTable"]["TableName"]
-    bucket = "arn:aws:s3:::" + props["RecordingsBucket"]["BucketName"]
-    log_group = prefix.format("logs") + f"log-group:/aws/lambda/callbridge-{stage}"
-    return {
-        "sqs": queues,
-        "dynamodb": [table, table + "/index/by-phone"],
-        "s3-object": [bucket + "/recordings/2026/01/call.mp3"],
-        "s3-bucket": [bucket],
-        "sns": [prefix.format("sns") + props["AlertsTopic"]["TopicName"]],
-        "ssm": [prefix.format("ssm") + f"parameter/callbridge/{stage}/beeline-api-token"],
-        "logs-group": [log_group, log_group + "-intake_worker"],
-        "logs-stream": [
-            log_group + ":log-stream:2026/01/01/[$LATEST]abc",
-            log_group + "-intake_worker:log-stream:2026/01/01/[$LATEST]abc",
-        ],
-    }
-
-
-# Which of the stage's resources each granted action must reach (tests/test_iam.py proves the actions are the
-# ones functions/ calls).
-ACTION_KIND = {
-    "sqs": "sqs", "dynamodb": "dynamodb", "s3": "s3-object", "sns": "sns", "ssm": "ssm",
-    "logs:CreateLogGroup": "logs-group", "logs:CreateLogStream": "logs-stream", "logs:PutLogEvents": "logs-stream",
-}
-
-
-@pytest.mark.parametrize("stage,other", [("dev", "prod"), ("prod", "dev")])
-def test_policy_grants_what_the_app_needs_on_its_own_stage_only(stage, other):
-    policy = json.loads((ROOT / ".chalice" / f"policy-{stage}.json").read_text(encoding="utf-8"))
-    mine, theirs = stage_arns(stage), stage_arns(other)
-    for action in {a for s in policy["Statement"] for a in s["Action"]} - {"kms:Decrypt"}:
-        kind = ACTION_KIND.get(action) or ACTION_KIND[action.split(":")[0]]
-        for arn in mine[kind]:
-            assert allowed(policy, action, arn), (action, arn)
-        for arn in theirs[kind]:
-            assert not allowed(policy, action, arn), (action, arn)
-    for statement in policy["Statement"]:
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-        assert all("*" not in a for a in actions), statement
-        assert statement["Resource"] != "*", statement
-        assert not any(a.startswith("cloudwatch:") for a in actions)  # metrics go out as EMF in logs
-    (kms,) = [s for s in policy["Statement"] if s["Action"] == ["kms:Decrypt"]]
-    assert kms["Condition"] == {"StringLike": {"kms:ViaService": "ssm.*.amazonaws.com"}}
+# The IAM policy files (one per function) are checked in tests/test_iam.py, against this template too.
 
 
 # --- CloudWatch: alarms and the dashboard (issue 11 item 4) -----------------------------------------------

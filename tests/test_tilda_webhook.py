@@ -10,7 +10,7 @@ import pytest
 from conftest import EVENTS, TILDA_KEY, bodies, receive
 
 from functions.core import times
-from functions.records import leads
+from functions.records import leads, rejected
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -114,7 +114,7 @@ def test_bad_phone_is_422_naming_the_field_and_the_post_is_kept(client, phone):
     assert response.json_body["field"] == "Phone"
     assert stored_lead() is None and receive("intake") == []
     rejected_id = response.json_body["rejected_id"]
-    [kept] = [r for r in leads.rejected_on(times.now_iso()[:10]) if r["rejected_id"] == rejected_id]
+    [kept] = [r for r in rejected.on(times.now_iso()[:10]) if r["rejected_id"] == rejected_id]
     assert json.loads(kept["raw"])["Phone"] == phone and kept["field"] == "Phone"
 
 
@@ -134,7 +134,7 @@ def test_unknown_form_without_default_offer_is_422_naming_formid(client, use_con
     response = post(client, form(formid="form000"), headers={"X-Api-Key": TILDA_KEY})
     assert response.status_code == 422 and response.json_body["field"] == "formid"
     assert stored_lead() is None
-    assert any(r["field"] == "formid" for r in leads.rejected_on(times.now_iso()[:10]))
+    assert any(r["field"] == "formid" for r in rejected.on(times.now_iso()[:10]))
 
 
 @pytest.mark.parametrize("body,content_type,status,field", [

@@ -20,7 +20,7 @@ from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise
 from functions.core.replies import Reply, error
 from functions.intake import tilda_form
-from functions.records import leads
+from functions.records import leads, rejected
 
 # Longer than the API Lambda's timeout, shorter than Tilda's one-minute retry interval.
 REQUEUE_AFTER_SECONDS = 20
@@ -29,7 +29,7 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 def _reject(data: dict, field_name: str, message: str) -> Reply:
-    rejected_id = leads.store_rejected("tilda", message, field_name, data)
+    rejected_id = rejected.keep("tilda", message, field_name, data)
     logger.warning("tilda post rejected", extra={"field": field_name, "reason": message, "rejected_id": rejected_id})
     metric("LeadsRejected", source="tilda")
     return error(422, field_name, message, rejected_id=rejected_id)
@@ -53,7 +53,7 @@ def receive_tilda(body: bytes, content_type: str | None, headers: dict[str, str]
         if not secrets.matches("TILDA_API_KEY", outside_key):
             return error(exc.status, exc.field, str(exc))  # nobody vouches for it: not worth storing
         # The key outside the body vouches for a post we cannot read: keep it as it came.
-        rejected_id = leads.store_rejected("tilda", str(exc), exc.field, body)
+        rejected_id = rejected.keep("tilda", str(exc), exc.field, body)
         logger.warning("tilda post unreadable", extra={"field": exc.field, "reason": str(exc),
                                                         "rejected_id": rejected_id})
         metric("LeadsRejected", source="tilda")

@@ -2,22 +2,17 @@
 
 Items:
 - lead            pk=LEAD#<lead_id>            sk=LEAD   (expires after the configured data retention)
-- rejected post   pk=REJECTED#<yyyy-mm-dd>     sk=<iso time>#<id>   (kept 30 days for inspection)
 Only this module knows the key layout; logic passes and receives plain dicts.
 """
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 
-from functions.core import resources, store, times
-from functions.core.text import clip
+from functions.core import resources, store
 from functions.records import daily, retention
 
 LEAD_NAMESPACE = uuid.UUID("5d3f2a4e-8a1b-4c7e-9f00-c0ffee0b1d9e")
-REJECTED_TTL_SECONDS = 30 * 86400
 
 
 def lead_id_for(source: str, dedupe_key: str) -> str:
@@ -68,40 +63,3 @@ def latest_by_phone(phone: str) -> dict | None:
     found = resources.table().query(IndexName="by_phone", KeyConditionExpression=Key("phone_key").eq(phone),
                                     ScanIndexForward=False, Limit=1)["Items"]
     return get(found[0]["pk"].removeprefix("LEAD#")) if found else None
-
-
-def store_rejected(source: str, reason: str, field_name: str, raw: dict | str | bytes) -> str:
-    """Keep a rejected post (R-5: nothing lost) where an operator can find it by day: a parsed post
-    (dict) as JSON, an unreadable one as it came. A post too large for a DynamoDB item (400 KB) is kept
-    whole in the recordings bucket under `raw/` (same 30-day lifecycle); the item holds its start."""
-    inline_bytes = 100_000  # with the other attributes, far below the item limit whatever the script
-
-    rejected_id = str(uuid.uuid4())
-    now = times.now_iso()
-    if isinstance(raw, dict):
-        raw = json.dumps(raw, ensure_ascii=False)
-    data = raw if isinstance(raw, bytes) else raw.encode()
-    text = data.decode("utf-8", "replace")
-    item = {
-        "pk": f"REJECTED#{now[:10]}",
-        "sk": f"{now}#{rejected_id}",
-        "rejected_id": rejected_id,
-        "source": source,
-        "reason": clip(reason, 1000),
-        "field": clip(field_name, 256),
-        "raw": text,
-        "received_at": now,
-        "ttl": int(time.time()) + REJECTED_TTL_SECONDS,
-    }
-    if len(data) > inline_bytes or text.encode() != data:  # too big, or not text: the bytes go to S3
-        key = f"raw/rejected/{now[:10]}/{rejected_id}"
-        resources.client("s3").put_object(Bucket=resources.bucket_name(), Key=key, Body=data,
-                                          ContentType="application/octet-stream")
-        item.update(raw=clip(text, inline_bytes), raw_s3_key=key, raw_bytes=len(data), raw_truncated=True)
-    resources.table().put_item(Item=item)
-    return rejected_id
-
-
-def rejected_on(day: str) -> list[dict]:
-    """Rejected posts of one UTC day (yyyy-mm-dd), oldest first (all pages, unlike a single query)."""
-    return store.query(f"REJECTED#{day}")

@@ -16,7 +16,7 @@ from functions.core import config, secrets
 from functions.core.observability import logger, metric
 from functions.core.replies import Reply, error
 from functions.providers.beeline.events import BadEvent, parse
-from functions.records import call_events, leads
+from functions.records import call_events, rejected
 
 
 def _allowed(source_ip: str | None, cidrs: list[str]) -> bool:
@@ -37,7 +37,7 @@ def receive(secret: str, body: bytes, source_ip: str | None) -> Reply:
         event = parse(body)
     except BadEvent as exc:
         # The caller passed the secret and the allowlist: keep what it sent for a person to look at.
-        rejected_id = leads.store_rejected("beeline", str(exc), exc.field, body)
+        rejected_id = rejected.keep("beeline", str(exc), exc.field, body)
         logger.warning("beeline event rejected", extra={"field": exc.field, "reason": str(exc),
                                                         "rejected_id": rejected_id})
         metric("EventsRejected")

@@ -545,50 +545,18 @@ def check_stage_package(sam: dict, stage: str, stage_env: dict[str, str], polici
 
 
 def compile_package(zip_path: Path, runtime: str) -> int:
-    """Byte-compile every module of a Lambda zip in place; returns how many .pyc files it now holds.
-
-    Lambda's /var/task is read-only, so without .pyc files every cold start compiles each imported source
-    (~1,200 in the package). They are built for the runtime's Python (this interpreter, checked against the
-    functions' Runtime) with unchecked hashes: Lambda's unzip gives no trustworthy source mtimes, and the
-    package never changes under them. Whatever __pycache__ the source tree had (vendor/ follows functions/)
-    is dropped first: those were compiled by whichever Python ran the tests, against other sources.
+    """Prune, strip and byte-compile a Lambda zip in place (infra/lambda_package.py: the reviewed prune list,
+    sourceless third-party byte-code, our own code as sources with .pyc); returns how many .pyc files it holds.
     """
-    import importlib.util
-    import py_compile
-    import zipfile
+    from infra import lambda_package
 
-    here = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    if runtime != here:
-        raise DeployError(f"the functions run {runtime} but the package is built with {here}: "
-                          f"compiled modules would not load (use a {runtime} virtual environment)")
-    compiled = 0
-    with tempfile.TemporaryDirectory(prefix="callbridge-pyc-") as scratch:
-        root = Path(scratch)
-        tmp = zip_path.with_name(zip_path.name + ".tmp")
-        with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
-            for info in src.infolist():
-                if "__pycache__/" in info.filename or info.filename.endswith((".pyc", ".pyo")):
-                    continue
-                data = src.read(info)
-                dst.writestr(info, data)
-                if not info.filename.endswith(".py"):
-                    continue
-                source = root / info.filename
-                source.parent.mkdir(parents=True, exist_ok=True)
-                source.write_bytes(data)
-                cfile = Path(importlib.util.cache_from_source(str(source)))
-                try:
-                    py_compile.compile(str(source), cfile=str(cfile), dfile=info.filename, doraise=True,
-                                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-                except py_compile.PyCompileError:
-                    continue  # a data file named .py (templates, py2-only test data): Lambda never imports it
-                pyc = zipfile.ZipInfo(cfile.relative_to(root).as_posix(), date_time=info.date_time)
-                pyc.external_attr = 0o644 << 16
-                pyc.compress_type = zipfile.ZIP_DEFLATED
-                dst.writestr(pyc, cfile.read_bytes())
-                compiled += 1
-        os.replace(tmp, zip_path)
-    return compiled
+    try:
+        report = lambda_package.compile_package(zip_path, runtime)
+    except lambda_package.PackageError as exc:
+        raise DeployError(str(exc)) from None
+    if report.not_stripped:
+        print(f"package: {report.not_stripped}", file=sys.stderr)
+    return report.compiled
 
 
 def package(project_dir: Path, stage: str, env: dict[str, str], out_dir: Path) -> dict:

@@ -74,19 +74,17 @@ def _pyc_of(source: str) -> str:
 
 
 def test_every_module_ships_compiled_for_the_runtime_with_an_unchecked_hash(package):
+    # Our code ships as sources with __pycache__ .pyc; third-party modules as sourceless x.pyc in place of x.py
+    # (infra/lambda_package.py; tests/test_lambda_package.py runs the result).
     names, sam = package
     runtime = sam["Resources"]["IntakeWorker"]["Properties"]["Runtime"]
     assert runtime == "python3.11"
     sources = sorted(n for n in names if n.endswith(".py"))
-    compiled = [n for n in names if n.endswith(".pyc")]
-    assert {"app.py", "functions/intake/tilda_webhook.py", "pydantic/main.py", "phonenumbers/phonenumberutil.py",
-            "aws_lambda_powertools/logging/logger.py"} <= set(sources)
-    # Every source Lambda might import has its .pyc (a few data files named .py may not compile; none of ours).
-    missing = [s for s in sources if _pyc_of(s) not in names]
-    assert not [s for s in missing if s.startswith(("functions/", "app.py", "pydantic/", "aws_lambda_powertools/",
-                                                    "phonenumbers/", "yaml/", "requests/"))], missing[:10]
-    assert len(compiled) >= len(sources) - len(missing) > 1000
-    for source in ("app.py", "functions/core/config.py", "pydantic/main.py"):
+    assert {"app.py", "functions/intake/tilda_webhook.py"} <= set(sources)
+    assert not [s for s in sources if _pyc_of(s) not in names]
+    assert {"pydantic/main.pyc", "phonenumbers/phonenumberutil.pyc",
+            "aws_lambda_powertools/logging/logger.pyc"} <= names
+    for source in ("app.py", "functions/core/config.py"):
         pyc = _ZIP_BYTES[_pyc_of(source)]
         assert pyc[:4] == importlib.util.MAGIC_NUMBER  # built by the runtime's Python (this venv is 3.11)
         flags = int.from_bytes(pyc[4:8], "little")
@@ -99,6 +97,6 @@ def test_no_stale_pycache_from_the_source_tree_reaches_the_package(package):
     # Python ran the tests last, against other sources: only the packaging step's own may ship, once each.
     names = [n for n in _ZIP_NAMES if n.endswith(".pyc")]
     assert len(names) == len(set(names)), "a .pyc is in the zip twice"
-    assert not [n for n in names if "__pycache__/" not in n]
+    assert not [n for n in names if "__pycache__/" in n and not n.startswith(("functions/", "__pycache__/app."))]
     stale = [n for n in names if int.from_bytes(_ZIP_BYTES[n][4:8], "little") != 0b01]
     assert not stale, stale[:5]

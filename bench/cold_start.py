@@ -109,9 +109,11 @@ def build_package() -> Path:
 
 
 def unzip(zip_path: Path, target: Path, with_pyc: bool = True) -> Path:
+    """`with_pyc=False` leaves out the compiled copies of shipped sources (__pycache__/); a sourceless module
+    (a .pyc in place of its .py, as the packaging ships third-party code) is kept, or it could not be imported."""
     shutil.rmtree(target, ignore_errors=True)
     with zipfile.ZipFile(zip_path) as zf:
-        members = [n for n in zf.namelist() if with_pyc or not n.endswith(".pyc")]
+        members = [n for n in zf.namelist() if with_pyc or not (n.endswith(".pyc") and "__pycache__/" in n)]
         zf.extractall(target, members)
     return target
 
@@ -134,9 +136,15 @@ def minimal_app(package_root: Path, target: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     (target / "chalice").mkdir(parents=True)
     (target / "app.py").write_text(MINIMAL_APP, encoding="utf-8")
-    for name in ("__init__.py", "app.py"):
-        shutil.copy(package_root / "chalice" / name, target / "chalice" / name)
-    for source in [target / "app.py", target / "chalice" / "__init__.py", target / "chalice" / "app.py"]:
+    sources = [target / "app.py"]
+    for name in ("__init__", "app"):
+        shipped = package_root / "chalice" / f"{name}.py"
+        if shipped.exists():
+            shutil.copy(shipped, target / "chalice" / shipped.name)
+            sources.append(target / "chalice" / shipped.name)
+        else:  # the package ships chalice sourceless (chalice/app.pyc): the same byte-code, as it is
+            shutil.copy(package_root / "chalice" / f"{name}.pyc", target / "chalice" / f"{name}.pyc")
+    for source in sources:
         py_compile.compile(str(source), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     return target
 

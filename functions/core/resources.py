@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 QUEUES = ("intake", "callbacks", "recordings", "postbacks", "cdrs")
 
@@ -75,15 +76,23 @@ def _config():
     return Config(max_pool_connections=MAX_POOL_CONNECTIONS)
 
 
+# A boto3 session is not thread-safe while it creates clients (botocore copies its event handlers meanwhile):
+# the local runner's threads creating their first SNS client at once raised "dictionary changed size during
+# iteration". Creating is serialised; using a client from many threads is safe.
+_CREATING = threading.Lock()
+
+
 @functools.cache
 def client(service: str):
     """One client per service per container. AWS_ENDPOINT_URL (moto locally) is honoured by botocore."""
-    return _session().client(service, config=_config())
+    with _CREATING:
+        return _session().client(service, config=_config())
 
 
 @functools.cache
 def table():
-    return _session().resource("dynamodb", config=_config()).Table(table_name())
+    with _CREATING:
+        return _session().resource("dynamodb", config=_config()).Table(table_name())
 
 
 @functools.cache

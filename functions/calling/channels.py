@@ -25,10 +25,13 @@ def _key(provider: str, slot: int) -> dict:
     return {"pk": f"CHANNELS#{provider}", "sk": f"SLOT#{slot:03d}"}
 
 
-def acquire(provider: str, limit: int, holder: str, now: float | None = None) -> int | None:
-    """Take a free slot for `holder`; the slot number, or None when all `limit` are busy."""
+def acquire(provider: str, limit: int, holder: str, now: float | None = None,
+            candidates: list[int] | None = None) -> int | None:
+    """Take a free slot for `holder`; the slot number, or None when all `limit` are busy. `candidates`: the
+    slots a read (`free`) found free, tried alone, so a caller that looked first spends no conditional write
+    on a slot it knows to be held (None when they were all taken meanwhile)."""
     now = time.time() if now is None else now
-    slots = list(range(limit))
+    slots = list(range(limit)) if candidates is None else [s for s in candidates if s < limit]
     random.shuffle(slots)  # concurrent callers start at different slots instead of all racing for 0
     for slot in slots:
         taken = store.update(
@@ -53,11 +56,14 @@ def extend(provider: str, slot: int, holder: str, seconds: int, now: float | Non
                         values={":holder": holder})
 
 
+def free(provider: str, limit: int, now: float | None = None) -> list[int]:
+    """Slots (of the first `limit`) that no unexpired lease holds: one Query over the provider's slots."""
+    now = time.time() if now is None else now
+    held = {int(item["sk"].removeprefix("SLOT#")) for item in store.query(f"CHANNELS#{provider}", "SLOT#")
+            if item.get("holder") and item.get("expires_at", 0) >= now}
+    return [slot for slot in range(limit) if slot not in held]
+
+
 def busy(provider: str, limit: int, now: float | None = None) -> int:
     """Slots (of the first `limit`) held by an unexpired lease: one Query over the provider's slots."""
-    now = time.time() if now is None else now
-    count = 0
-    for item in store.query(f"CHANNELS#{provider}", "SLOT#"):
-        if int(item["sk"].removeprefix("SLOT#")) < limit and item.get("holder") and item.get("expires_at", 0) >= now:
-            count += 1
-    return count
+    return limit - len(free(provider, limit, now))

@@ -120,8 +120,10 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                 trigger("continued", [o.id for o in offers])  # the rest in a fresh Lambda
                 break
             now = time.time()
-            if lease is None and channels.busy(provider, limit, now) >= limit:
-                break  # the next release (or the sweep, for a lease that expired) comes back
+            if lease is None:
+                free_slots = channels.free(provider, limit, now)
+                if not free_slots:
+                    break  # the next release (or the sweep, for a lease that expired) comes back
             heads = []
             for offer in offers:
                 if offer.id not in blocked:
@@ -138,11 +140,11 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                 time.sleep(wait)  # a wrap-up ending within the second (clocks, SQS's whole-second delays)
             if lease is None:
                 holder = f"{token}#{step}"
-                slot = channels.acquire(provider, limit, holder)
+                slot = channels.acquire(provider, limit, holder, candidates=free_slots)
                 if slot is None:
                     break  # taken meanwhile by another pass: it dials the oldest
                 lease = Lease(provider, slot, holder)
-                _channel_use(provider, limit)
+                _channel_use(limit - len(free_slots) + 1, limit)
             if not waiting.take(entry, token):
                 continue  # another dispatcher has it: look at the heads again
             result = _dial_entry(dial, entry, token, reason, lease)
@@ -158,10 +160,11 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
     return done
 
 
-def _channel_use(provider: str, limit: int) -> None:
-    """The saturation alert's call site (R-23), after a lease is taken; an alert that fails never fails a dial."""
+def _channel_use(busy: int, limit: int) -> None:
+    """The saturation alert's call site (R-23), after a lease is taken: `busy` is the pass's own read plus its
+    lease (a lease another pass took since counts at the next dial). An alert that fails never fails a dial."""
     try:
-        alerts.channel_use(channels.busy(provider, limit), limit)
+        alerts.channel_use(busy, limit)
     except Exception:  # noqa: BLE001
         logger.warning("channel use alert failed", exc_info=True)
 

@@ -167,6 +167,9 @@ def test_recording_lands_in_s3_encrypted_under_lead_and_call_once(env, s3_puts):
     assert head["Metadata"] == {"lead_id": lead_id, "call_id": call_id, "offer_id": "101"}  # no phone
     # Asked for explicitly, not only the bucket's default (a bucket recreated without it stays safe).
     assert [p["ServerSideEncryption"] for p in s3_puts] == ["AES256"]
+    # Kept 30 days (the default retention) and seldom played: Standard-IA, half the storage price.
+    assert head["StorageClass"] == "STANDARD_IA"
+    assert recorder.storage_class(7) == "STANDARD"  # Standard-IA's 30-day minimum would bill a week as a month
     audio = s3.get_object(Bucket=resources.bucket_name(), Key=key)["Body"].read()
     [record] = env["pbx"].records()
     assert len(audio) == record["fileSize"] and recorder.is_mp3(audio)

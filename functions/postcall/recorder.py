@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from functions.core import queues, resources, times
+from functions.core import config, queues, resources, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, national_digits
 from functions.core.queues import Poison, Transient
@@ -152,7 +152,7 @@ def fetch_recording(call_id: str, now: dt.datetime | None = None) -> str:
     url = recording_links.link(call_id)  # before the upload: a missing link secret fails before any write
     resources.client("s3").put_object(
         Bucket=resources.bucket_name(), Key=key, Body=audio, ContentType="audio/mpeg",
-        ServerSideEncryption="AES256",
+        ServerSideEncryption="AES256", StorageClass=storage_class(config.load().provider.retention_days),
         # Identifiers only: object metadata is readable by anyone who may list the bucket; no phone.
         Metadata={"lead_id": str(call["lead_id"]), "call_id": call_id, "offer_id": str(call.get("offer_id", ""))},
     )
@@ -164,6 +164,12 @@ def fetch_recording(call_id: str, now: dt.datetime | None = None) -> str:
     metric("RecordingsStored")
     _queue_writeback(call_id, call)
     return "stored"
+
+
+def storage_class(retention_days: int) -> str:
+    """Recordings are written once, kept the retention period and seldom played: Standard-IA costs about half
+    of Standard per GB-month, but bills at least 30 days, so a shorter retention stays in Standard."""
+    return "STANDARD_IA" if retention_days >= 30 else "STANDARD"
 
 
 def _queue_writeback(call_id: str, call: dict) -> None:

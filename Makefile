@@ -51,14 +51,14 @@ unit: install
 e2e: install
 	$(PY) -m pytest -m e2e
 
-## Benchmarks of issue 9 side by side (< 10 min): a burst of LEADS leads in 60 s on the local stack, requests and
+## Benchmarks of issue 9 side by side (about 11 min): a burst of LEADS leads in 60 s and a steady run on the local stack, requests and
 ## AWS cost per lead, cold starts against a minimal app, package size; table printed, JSON in build/bench/.
 LEADS ?= 1000
 bench: install
 	$(PY) -m bench.run --leads $(LEADS)
 
 ## The Lambda package of a stage, into build/<stage>/ (functions/ ships through vendor/functions), checked to be
-## wired to that stage's queues, names and policy.
+## wired to that stage's queues and names, each function with its own role and policy.
 package: install
 	$(PY) -m infra.deploy package --stage $(STAGE) --out build/$(STAGE)
 

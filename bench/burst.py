@@ -274,12 +274,19 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
     capacity = operators / (mean_call + wrap) if mean_call else None
     originates = sorted(c["accepted_ts"] for c in calls)
     throughput = (len(originates) - 1) / (originates[-1] - originates[0]) if len(originates) > 1 else None
+    # The steady backlog: from the moment the last accepted lead had its CRM order (the intake is done, so the
+    # workers that dial no longer share the machine with the burst's intake) to the last originate.
+    created = [_ts(o["createdAt"]) for o in orders if o.get("createdAt")]
+    intake_done = max(created) if len(created) >= accepted and created else None
+    steady = [t for t in originates if intake_done is not None and t >= intake_done]
+    steady_throughput = ((len(steady) - 1) / (steady[-1] - steady[0])
+                         if len(steady) > 1 and steady[-1] > steady[0] else None)
 
     # Idle gaps: per operator, release -> next originate, while some lead was waiting (posted before that release
     # and originated after it).
     waiting_posts = sorted(posted[c["phone"]] for c in calls if c["phone"] in posted)
     starts = {c["phone"]: c["accepted_ts"] for c in calls}
-    gaps = []
+    gaps, steady_gaps = [], []
     by_operator: dict[str, list[dict]] = {}
     for c in calls:
         by_operator.setdefault(c.get("extension") or c["pattern"], []).append(c)
@@ -292,6 +299,8 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
             backlog = any(t < freed and starts.get(p, 0) > freed for p, t in posted.items())
             if backlog:
                 gaps.append(nxt["accepted_ts"] - freed)
+                if intake_done is not None and freed >= intake_done:
+                    steady_gaps.append(nxt["accepted_ts"] - freed)
     del waiting_posts
 
     api = [m for m in (_ACCESS.search(line) for line in stack.lines[log_start:]) if m]
@@ -325,6 +334,12 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
         "throughput_calls_per_s": round(throughput, 3) if throughput else None,
         "idle_gap_median_s": round(statistics.median(gaps), 3) if gaps else None,
         "idle_gap_p95_s": round(percentile(gaps, 95), 3) if gaps else None, "idle_gaps": len(gaps),
+        "intake_done_after_s": round(intake_done - started, 1) if intake_done else None,
+        "steady": {"calls": len(steady), "seconds": round(steady[-1] - steady[0], 1) if len(steady) > 1 else 0,
+                   "throughput_calls_per_s": round(steady_throughput, 3) if steady_throughput else None,
+                   "idle_gap_median_s": round(statistics.median(steady_gaps), 3) if steady_gaps else None,
+                   "idle_gap_p95_s": round(percentile(steady_gaps, 95), 3) if steady_gaps else None,
+                   "idle_gaps": len(steady_gaps)},
         "requests": {"salesrender": crm_ops, "beeline": pbx_requests, "aws": moto},
         "api": {route: {"count": len(v), "seconds": round(sum(v) / 1000, 3)} for route, v in api_by_route.items()},
         "invocations": runner,
@@ -349,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operators", type=int, default=12)
     parser.add_argument("--time-scale", type=float, default=0.02)
     parser.add_argument("--max-seconds", type=float, default=420)
+    parser.add_argument("--out", default="burst.json", help="file name in build/bench/")
     args = parser.parse_args(argv)
     result = run(args.leads, args.post_seconds, args.operators, args.time_scale, max_seconds=args.max_seconds)
     out = ROOT / "build" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "burst.json").write_text(json.dumps(result, indent=2))
+    (out / args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("requests", "api", "invocations")}, indent=2))
     return 0
 

@@ -7,8 +7,10 @@ configured with (.chalice/config.json):
 - Lambda: $0.20 per million requests, $0.0000166667 per GB-second;
 - SQS standard queues: $0.40 per million requests (every API call, ReceiveMessage included);
 - DynamoDB on-demand: $0.625 per million write request units, $0.125 per million read request units;
-- S3 Standard: $0.005 per 1,000 PUT/POST/LIST, $0.0004 per 1,000 GET, $0.023 per GB-month (recordings:
-  128 kbit/s MP3 of the mean talk, kept the template's 30 days; the sandbox's own MP3s are tiny);
+- S3 Standard-IA, where the recorder stores recordings kept 30 days or more (functions/postcall/recorder.py):
+  $0.01 per 1,000 PUT, $0.001 per 1,000 GET, $0.01 per GB retrieved, $0.0125 per GB-month (recordings:
+  128 kbit/s MP3 of the mean talk, kept the template's 30 days; the sandbox's own MP3s are tiny); every
+  PUT is priced as Standard-IA's, an upper bound for the few other objects;
 - API Gateway REST APIs: $3.50 per million requests.
 
 Counting rules (what moto counts is requests, not capacity units): each PutItem, UpdateItem, DeleteItem
@@ -21,9 +23,11 @@ shared machine answer slower than AWS does): an upper bound. Fixed monthly costs
 sources' empty long polls) are listed apart, because they do not grow with leads. CloudWatch Logs
 ($0.50 per GB ingested) and alarms are not counted here.
 
-The real-time schedule (talk times of 1-3 minutes at full length) is a projection from the burst's
-per-lead counts: deliveries of the callback worker beyond one per lead and one per call release (the
-re-sends of waiting callbacks on a timer: the 30 s re-send, a safety-net sweep) are multiplied by
+The real-time schedule (talk times of 1-3 minutes at full length) is a projection from the per-lead
+counts of the steady run (bench/run.py: every lead called, at a clock the local stack keeps up with, so the
+costs that follow a call are all in; the burst's own row divides by every accepted lead, called or not):
+deliveries of the callback worker beyond one per lead and one per call release (the re-sends of waiting
+callbacks on a timer: the 30 s re-send, a safety-net sweep) are multiplied by
 1 / time_scale, as leads wait that many times longer in real time; a dispatch on release re-sends little,
 and the factor then multiplies little. Each such re-delivery is priced with three SQS requests, the mean
 DynamoDB requests of an invocation, and two provider requests (order and operator status).
@@ -39,10 +43,11 @@ PRICES = {
     "sqs_request": 0.40 / 1e6,
     "dynamodb_wru": 0.625 / 1e6,
     "dynamodb_rru": 0.125 / 1e6,
-    "s3_put": 0.005 / 1000,
-    "s3_get": 0.0004 / 1000,
+    "s3_put": 0.01 / 1000,
+    "s3_get": 0.001 / 1000,
     "api_gateway_rest_request": 3.50 / 1e6,
-    "s3_gb_month": 0.023,
+    "s3_gb_month": 0.0125,
+    "s3_gb_retrieved": 0.01,
 }
 # Recordings kept in S3: 128 kbit/s MP3 of the mean simulated talk (2 minutes), for the template's 30 days.
 RECORDING_BYTES_PER_SECOND = 16_000
@@ -86,6 +91,7 @@ def per_lead(burst: dict, realtime: bool = False) -> dict:
     rru += added * rru * per_invocation
     provider = (burst["provider_requests_per_dialled_lead"] or 0) * burst["called"] + 2 * added  # order + status
     s3 = aws.get("s3", {})
+    recording_gb = sum(burst["talk_seconds_simulated"]) / 2 * RECORDING_BYTES_PER_SECOND / 1e9
     return {
         "lambda_invocations": (api_count + delivered + added) / leads,
         "lambda_gb_seconds": seconds * LAMBDA_GB / leads,
@@ -95,8 +101,9 @@ def per_lead(burst: dict, realtime: bool = False) -> dict:
         "dynamodb_rru": rru / leads,
         "s3_put": s3.get("PUT", 0) / leads,
         "s3_get": s3.get("GET", 0) / leads,
-        "s3_gb_months": (burst["called"] * sum(burst["talk_seconds_simulated"]) / 2 * RECORDING_BYTES_PER_SECOND
-                         / 1e9 * RETENTION_DAYS / 30) / leads,
+        "s3_gb_months": burst["called"] * recording_gb * RETENTION_DAYS / 30 / leads,
+        # A GET is a recording played or fetched (the CRM's CDR link): Standard-IA bills the bytes read.
+        "s3_gb_retrieved": s3.get("GET", 0) * recording_gb / leads,
         "callback_deliveries_per_called_lead": (callback["count"] + added) / max(1, burst["called"]),
         "provider_requests_per_dialled_lead": provider / max(1, burst["called"]),
         "schedule_seconds_each": {k: v["seconds"] / max(1, v["count"]) for k, v in schedules.items()},
@@ -112,7 +119,7 @@ def dollars(counts: dict) -> dict:
         "sqs": counts["sqs_requests"] * p["sqs_request"],
         "dynamodb": counts["dynamodb_wru"] * p["dynamodb_wru"] + counts["dynamodb_rru"] * p["dynamodb_rru"],
         "s3": (counts["s3_put"] * p["s3_put"] + counts["s3_get"] * p["s3_get"]
-               + counts["s3_gb_months"] * p["s3_gb_month"]),
+               + counts["s3_gb_months"] * p["s3_gb_month"] + counts["s3_gb_retrieved"] * p["s3_gb_retrieved"]),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -144,16 +151,18 @@ def fixed_monthly(counts: dict, queues: int = 5, periods: dict[str, int] | None 
     return {"schedules": lambda_cost, "idle_sqs_polls": sqs, "total": lambda_cost + sqs}
 
 
-def report(burst: dict, periods: dict[str, int] | None = None) -> dict:
-    out = {"prices": PRICES}
-    for name, realtime in (("burst", False), ("realtime_projection", True)):
-        counts = per_lead(burst, realtime)
+def report(burst: dict, periods: dict[str, int] | None = None, steady: dict | None = None) -> dict:
+    """The burst's row as measured; the real-time row from the steady run (every lead called) when there is
+    one, else from the burst."""
+    out = {"prices": PRICES, "realtime_from": "steady" if steady else "burst"}
+    for name, run, realtime in (("burst", burst, False), ("realtime_projection", steady or burst, True)):
+        counts = per_lead(run, realtime)
         cost = dollars(counts)
         out[name] = {"per_lead": {k: round(v, 4) for k, v in counts.items() if not isinstance(v, dict)},
                      "usd_per_1000_leads": {k: round(v * 1000, 4) for k, v in cost.items()}}
-    fixed = fixed_monthly(per_lead(burst), periods=periods)
+    fixed = fixed_monthly(per_lead(steady or burst), periods=periods)
     out["fixed_usd_per_month"] = {k: round(v, 2) for k, v in fixed.items()}
-    per_lead_rt = dollars(per_lead(burst, True))["total"]
+    per_lead_rt = dollars(per_lead(steady or burst, True))["total"]
     out["usd_per_month"] = {f"{n}_leads_a_day": round(per_lead_rt * n * 30 + fixed["total"], 2) for n in (100, 1000)}
     return out
 

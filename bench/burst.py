@@ -67,6 +67,14 @@ def percentile(samples: list[float], p: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+def _pace(originates: list[float], gaps: list[float]) -> dict:
+    """Throughput over a run of originates (sorted), and the operator idle gaps' median and p95."""
+    span = originates[-1] - originates[0] if len(originates) > 1 else 0
+    return {"throughput_calls_per_s": round((len(originates) - 1) / span, 3) if span else None,
+            "idle_gap_median_s": round(statistics.median(gaps), 3) if gaps else None,
+            "idle_gap_p95_s": round(percentile(gaps, 95), 3) if gaps else None, "idle_gaps": len(gaps)}
+
+
 def _ts(iso: str | None) -> float | None:
     return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
 
@@ -273,14 +281,11 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
     wrap = setup["wrap_up_seconds"]
     capacity = operators / (mean_call + wrap) if mean_call else None
     originates = sorted(c["accepted_ts"] for c in calls)
-    throughput = (len(originates) - 1) / (originates[-1] - originates[0]) if len(originates) > 1 else None
     # The steady backlog: from the moment the last accepted lead had its CRM order (the intake is done, so the
     # workers that dial no longer share the machine with the burst's intake) to the last originate.
     created = [_ts(o["createdAt"]) for o in orders if o.get("createdAt")]
     intake_done = max(created) if len(created) >= accepted and created else None
     steady = [t for t in originates if intake_done is not None and t >= intake_done]
-    steady_throughput = ((len(steady) - 1) / (steady[-1] - steady[0])
-                         if len(steady) > 1 and steady[-1] > steady[0] else None)
 
     # Idle gaps: per operator, release -> next originate, while some lead was waiting (posted before that release
     # and originated after it).
@@ -331,15 +336,10 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
         "peak_concurrent_calls": pbx_stats["max_in_flight"],
         "mean_call_seconds": round(mean_call, 3) if mean_call else None,
         "capacity_calls_per_s": round(capacity, 3) if capacity else None,
-        "throughput_calls_per_s": round(throughput, 3) if throughput else None,
-        "idle_gap_median_s": round(statistics.median(gaps), 3) if gaps else None,
-        "idle_gap_p95_s": round(percentile(gaps, 95), 3) if gaps else None, "idle_gaps": len(gaps),
+        **_pace(originates, gaps),
         "intake_done_after_s": round(intake_done - started, 1) if intake_done else None,
         "steady": {"calls": len(steady), "seconds": round(steady[-1] - steady[0], 1) if len(steady) > 1 else 0,
-                   "throughput_calls_per_s": round(steady_throughput, 3) if steady_throughput else None,
-                   "idle_gap_median_s": round(statistics.median(steady_gaps), 3) if steady_gaps else None,
-                   "idle_gap_p95_s": round(percentile(steady_gaps, 95), 3) if steady_gaps else None,
-                   "idle_gaps": len(steady_gaps)},
+                   **_pace(steady, steady_gaps)},
         "requests": {"salesrender": crm_ops, "beeline": pbx_requests, "aws": moto},
         "api": {route: {"count": len(v), "seconds": round(sum(v) / 1000, 3)} for route, v in api_by_route.items()},
         "invocations": runner,

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady-time-scale", type=float, default=STEADY_TIME_SCALE)
     parser.add_argument("--trials", type=int, default=2, help="cold starts of each kind")
     parser.add_argument("--posts", type=int, default=200, help="warm webhook posts")
-    parser.add_argument("--skip-burst", action="store_true", help="reuse build/bench/burst.json")
+    parser.add_argument("--skip-burst", action="store_true", help="reuse build/bench/burst.json and steady.json")
     parser.add_argument("--skip-cold-start", action="store_true", help="reuse build/bench/cold_start.json")
     args = parser.parse_args(argv)
     started = time.monotonic()

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import getpass
 import ipaddress
 import json
@@ -560,6 +561,14 @@ def compile_package(zip_path: Path, runtime: str) -> int:
 
 
 def package(project_dir: Path, stage: str, env: dict[str, str], out_dir: Path) -> dict:
+    # .chalice/deployments is the project's one zip cache: two packagings at once (two shells, parallel tests)
+    # would clear and rename in it under each other, so one runs at a time.
+    with (project_dir / ".chalice" / ".package.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _package(project_dir, stage, env, out_dir)
+
+
+def _package(project_dir: Path, stage: str, env: dict[str, str], out_dir: Path) -> dict:
     shutil.rmtree(project_dir / ".chalice" / "deployments", ignore_errors=True)  # Chalice caches stale zips
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -283,3 +283,14 @@ def test_a_lease_whose_release_was_lost_expires_by_itself(aws, monkeypatch):
     assert slot is not None
     assert channels.release("Beeline_Main", slot, "call-0") is False  # only the holder releases
     assert channels.release("Beeline_Main", slot, "call-late") is True
+
+
+def test_a_caller_that_read_the_free_slots_tries_only_those(aws):
+    """A dispatch pass reads the slots first and spends no conditional write on one it saw held."""
+    from functions.calling import channels
+
+    assert channels.acquire("Beeline_Main", 3, "pass-a", candidates=[2]) == 2
+    assert channels.free("Beeline_Main", 3) == [0, 1]
+    # Its candidate was taken meanwhile: no other slot is tried (the pass stops; the slot's taker dials).
+    assert channels.acquire("Beeline_Main", 3, "pass-b", candidates=[2]) is None
+    assert channels.free("Beeline_Main", 3) == [0, 1] and channels.busy("Beeline_Main", 3) == 1

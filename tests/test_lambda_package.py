@@ -43,12 +43,7 @@ def built(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lambda_package, "compile_package", recording)
-        try:
-            deploy.package(ROOT, "dev", env, out)
-        except (deploy.DeployError, FileNotFoundError):
-            # .chalice/deployments is shared: another packaging run may clear it under this one.
-            reports.clear()
-            deploy.package(ROOT, "dev", env, out)
+        deploy.package(ROOT, "dev", env, out)  # one packaging at a time in the project (deploy.package's lock)
     zip_path = out / "deployment.zip"
     task_root = tmp_path_factory.mktemp("task-root")
     with zipfile.ZipFile(zip_path) as zf:

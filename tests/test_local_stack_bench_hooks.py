@@ -89,3 +89,71 @@ def test_the_runner_polls_each_queue_with_several_threads_and_callbacks_with_one
     assert r.pollers(resources.queue_name("callbacks"), 7) == 7  # the event source's own maximum wins
     monkeypatch.setenv("RUNNER_POLLERS", "3")
     assert r.pollers(resources.queue_name("recordings")) == 3
+
+
+class _OneMessageQueue:
+    """An SQS client that hands out one message; `on_receive` runs as it does (e.g. a stop arriving)."""
+
+    def __init__(self, on_receive=lambda: None):
+        self.on_receive, self.deleted, self.given = on_receive, [], False
+
+    def get_queue_url(self, QueueName):
+        return {"QueueUrl": f"http://sqs/{QueueName}"}
+
+    def get_queue_attributes(self, QueueUrl, AttributeNames):
+        return {"Attributes": {"QueueArn": "arn:aws:sqs:us-east-1:123456789012:q"}}
+
+    def receive_message(self, **_):
+        self.on_receive()
+        if self.given:
+            return {}
+        self.given = True
+        return {"Messages": [{"MessageId": "m1", "ReceiptHandle": "r1", "Body": "{}"}]}
+
+    def delete_message(self, QueueUrl, ReceiptHandle):
+        self.deleted.append(ReceiptHandle)
+
+
+def test_a_message_a_poll_receives_after_the_stop_is_not_run(monkeypatch):
+    """It stays in flight and comes back after its visibility timeout, as when Lambda scales in."""
+    import threading
+    import types
+
+    from functions.core import resources
+    from infra.local import runner
+
+    ran = []
+    app = types.SimpleNamespace(worker=lambda event, context: ran.append(event))
+    r = runner.Runner(app_module=app)
+    queue = _OneMessageQueue(on_receive=r.stop_event.set)
+    monkeypatch.setattr(resources, "client", lambda service: queue)
+    poller = threading.Thread(target=r.poll, args=("q", "app.worker"))
+    poller.start()
+    poller.join(10)
+    assert not poller.is_alive()
+    assert ran == [] and queue.deleted == [] and r.delivered == 0
+
+
+def test_a_stop_waits_for_the_invocation_in_progress_not_for_idle_polls(monkeypatch):
+    import threading
+    import types
+
+    from functions.core import resources
+    from infra.local import runner
+
+    started, release = threading.Event(), threading.Event()
+
+    def worker(event, context):
+        started.set()
+        release.wait(10)
+
+    r = runner.Runner(app_module=types.SimpleNamespace(worker=worker))
+    queue = _OneMessageQueue()
+    monkeypatch.setattr(resources, "client", lambda service: queue)
+    threading.Thread(target=r.poll, args=("q", "app.worker"), daemon=True).start()
+    assert started.wait(10)
+    r.stop_event.set()
+    assert r.wait_idle(0.2) is False  # the handler still runs
+    release.set()
+    assert r.wait_idle(10) is True
+    assert queue.deleted == ["r1"]  # it finished, so it was deleted

@@ -3,6 +3,7 @@ only during a call), and AWS_ENDPOINT_URL is removed so no test can reach a runn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -200,11 +201,39 @@ def use_config(monkeypatch, tmp_path):
     return apply
 
 
+_REAL_ENVIRON = os.environ
+
+
+@pytest.fixture(autouse=True)
+def _environ_stays_the_process_environment():
+    """Fail the test that leaves os.environ replaced by a copy: every later test in the worker would see
+    that copy's values (a CALLBACK_DELAY_SECONDS=0 outliving its monkeypatch) and monkeypatch could not undo
+    them."""
+    yield
+    if os.environ is not _REAL_ENVIRON:
+        os.environ = _REAL_ENVIRON  # noqa: B003 - puts the process environment object itself back
+        pytest.fail("os.environ was left replaced by a copy (the Chalice test client used from threads?)")
+
+
+@contextlib.contextmanager
+def _stage_variables_already_set(self, environment_variables):
+    yield
+
+
 @pytest.fixture
-def client(aws):
+def client(aws, monkeypatch):
+    """Chalice's test client, safe to call from threads. Per request it swaps os.environ for a copy holding
+    the stage's variables and swaps the original back after, so two requests in threads can end with the
+    first one's copy in place for good. The stage's variables are set once here instead."""
+    import chalice.test
+
     import app
 
     with Client(app.app, stage_name="test", project_dir=str(ROOT)) as c:
+        scoped = c._chalice_config.scope(c._chalice_config.chalice_stage, "api_handler")
+        for name, value in scoped.environment_variables.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(chalice.test.BaseClient, "_patched_env_vars", _stage_variables_already_set)
         yield c
 
 

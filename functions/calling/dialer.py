@@ -113,9 +113,23 @@ def _dispatch_request(message: dict, now: dt.datetime | None) -> str:
     return f"dispatched {sum(1 for _, result in done if result == 'originated')}"
 
 
-def _turn(now: dt.datetime | None):
-    """The dialer as a dispatch pass runs it on a waiting entry's message, with the pass's channel lease."""
-    return lambda entry_message, lease: _process(entry_message, now, lease=lease)
+def _turn(now: dt.datetime | None, checked: dict | None = None):
+    """The dialer as a dispatch pass runs it on a waiting entry's message, with the pass's channel lease.
+    `checked`: {call_id: what `_process` read and checked for it}, for the entry this delivery has just
+    joined: when the pass takes that one, it is dialled without reading the lead and the call again (a
+    moment ago; the claim still settles any race, as for every check before it)."""
+    def turn(entry_message: dict, lease: dispatch.Lease) -> str:
+        fresh = (checked or {}).get(entry_message.get("call_id") or _call_id_of(entry_message))
+        if fresh is not None:
+            return _dial(entry_message, *fresh, now or dt.datetime.now(dt.UTC), lease)
+        return _process(entry_message, now, lease=lease)
+
+    return turn
+
+
+def _call_id_of(message: dict) -> str | None:
+    lead_id, attempt = message.get("lead_id"), message.get("attempt")
+    return calls.call_id_for(lead_id, attempt) if isinstance(lead_id, str) and isinstance(attempt, int) else None
 
 
 def _process(message: dict, now: dt.datetime | None, lease: dispatch.Lease | None = None) -> str:
@@ -189,7 +203,8 @@ def _process(message: dict, now: dt.datetime | None, lease: dispatch.Lease | Non
     # Its turn in the offer's waiting list, then a dispatch pass: oldest first, also against leads already
     # waiting, and a lead that finds everything busy is simply left there (no re-send, no provider request).
     waiting.join(offer.id, message, call_id, manual, since=lead.get("created_at"))
-    result = dict(dispatch.run(_turn(now), [offer.id], reason="due")).get(call_id)
+    checked = {call_id: (lead, offer, cfg, call_id, existing, manual, log)}
+    result = dict(dispatch.run(_turn(now, checked), [offer.id], reason="due")).get(call_id)
     if result is None:
         logger.info("callback waiting for a free channel and operator", extra=log)
         metric("CallbacksWaiting", offer=str(offer.id))
@@ -243,13 +258,14 @@ def _dial(message: dict, lead: dict, offer, cfg, call_id: str, existing: dict | 
     try:  # whatever fails before the claim, the operator is given back (the pass keeps or frees the lease)
         client = beeline.default_client()
         operator = operators.choose(offer, call_id, _agent_status(client, log), holder=holder,
-                                    prefer=message.get("operator_hint") or (existing or {}).get("operator_hint"))
+                                    prefer=message.get("operator_hint") or (existing or {}).get("operator_hint"),
+                                    known=lease.operator_states)
         if operator is None:
             metric("NoFreeOperator", offer=str(offer.id))
             return "no_free_operator"
         if _crm_closed(lead, manual, log):
             return "crm_closed"
-        claimed = calls.claim(call_id, {
+        claimed = calls.claim(call_id, lead=lead, attributes={
             "lead_id": lead_id, "offer_id": offer.id, "attempt": attempt, "phone": lead["phone"],
             "operator": operator, "channel_slot": slot, "provider": provider, "holder": holder, "manual": manual,
             "dialing_at": times.now_iso(), "created_at": (existing or {}).get("created_at") or times.now_iso(),

@@ -4,10 +4,13 @@ A due callback that finds no free channel or operator is not re-sent to itself: 
 waiting list (functions/records/waiting.py, ordered by due time, manual calls ahead) and its SQS message is
 acknowledged. While it waits it costs nothing: no message, no provider request. A *dispatch pass* (`run`)
 hands free capacity to the oldest eligible entries:
-- it looks for a free channel first (one Query over the slots): none, and it stops at once, touching no
+- it reads the heads of the lists (one Query per offer): nothing waits, and it stops (the usual end of a
+  pass once the backlog is served, so it costs no channel read);
+- then it looks for a free channel (one Query over the slots): none, and it stops at once, touching no
   entry; so a burst of arrivals that all find the channels busy never locks the head of a list;
 - then the oldest entry across the offers (heads of each list, by sort key) whose offer has an operator free
-  in DynamoDB (not on a call, past the wrap-up of the last one); an offer with none is skipped for this pass;
+  in DynamoDB (not on a call, past the wrap-up of the last one); an offer with none is skipped for this pass.
+  The dial chooses its operator from the same read (a reservation is conditional);
 - it takes the channel lease *before* the entry (the pass holds it under a token of its own), so of racing
   passes only those holding a channel take entries, and each takes the oldest one nobody holds: the oldest
   waiting leads are the ones dialled;
@@ -64,6 +67,7 @@ class Lease:
     slot: int
     holder: str
     claimed: bool = False
+    operator_states: dict | None = None  # the offer's operator states the pass read for the entry it dials
 
 
 def is_dispatch(message: dict) -> bool:
@@ -120,19 +124,20 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                 trigger("continued", [o.id for o in offers])  # the rest in a fresh Lambda
                 break
             now = time.time()
-            if lease is None:
-                free_slots = channels.free(provider, limit, now)
-                if not free_slots:
-                    break  # the next release (or the sweep, for a lease that expired) comes back
             heads = []
             for offer in offers:
                 if offer.id not in blocked:
                     first = waiting.heads(offer.id, now)[:1]
                     heads += [(first[0], offer)] if first else []
             if not heads:
-                break
+                break  # nothing waits (the usual end of a pass): no need to look at the channels
+            if lease is None:
+                free_slots = channels.free(provider, limit, now)
+                if not free_slots:
+                    break  # the next release (or the sweep, for a lease that expired) comes back
             entry, offer = min(heads, key=lambda head: head[0]["sk"])
-            wait = operators.free_in(offer, now)
+            known = operators.states(offer.operators)
+            wait = operators.free_in(offer, now, known)
             if wait is None or wait > SLACK_SECONDS:
                 blocked.add(offer.id)  # all on calls or wrapping up: their releases dispatch again
                 continue
@@ -147,6 +152,7 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                 _channel_use(limit - len(free_slots) + 1, limit)
             if not waiting.take(entry, token):
                 continue  # another dispatcher has it: look at the heads again
+            lease.operator_states = known  # the dial chooses from these (the reservation is conditional)
             result = _dial_entry(dial, entry, token, reason, lease)
             if lease.claimed:
                 lease = None

@@ -60,12 +60,12 @@ def candidates(offer: Offer, known: dict[str, dict] | None = None) -> list[str]:
     return sorted(operators, key=lambda p: (last[p], operators.index(p)))
 
 
-def free_in(offer: Offer, now: float | None = None) -> float | None:
+def free_in(offer: Offer, now: float | None = None, known: dict[str, dict] | None = None) -> float | None:
     """Seconds until one of the offer's operators is free (0: one is now); None when every one is on a
-    call (its release triggers the next dispatch). DynamoDB reads only."""
+    call (its release triggers the next dispatch). DynamoDB reads only (none with `known`, from `states`)."""
     now = time.time() if now is None else now
     waits = []
-    for item in states(offer.operators).values():
+    for item in (known if known is not None else states(offer.operators)).values():
         if item.get("busy_call") and item.get("busy_until", 0) >= now:
             continue
         waits.append(max(0.0, float(item.get("available_at", 0)) - now))
@@ -89,11 +89,6 @@ def reserve(pattern: str, call_id: str, now: float | None = None, *, holder: str
     )
 
 
-def busy_call(pattern: str) -> str | None:
-    """The callbridge call the operator is reserved for, if any (expired or not)."""
-    return (store.get(_key(pattern)) or {}).get("busy_call")
-
-
 def release(pattern: str, holder: str, wrap_up_seconds: float = 0, now: float | None = None) -> bool:
     """Free the operator, only if `holder` (what reserved it) still holds it. After a call that took place,
     `wrap_up_seconds` keeps them from being reserved again until their after-call work is done."""
@@ -106,12 +101,15 @@ def release(pattern: str, holder: str, wrap_up_seconds: float = 0, now: float | 
 
 
 def choose(offer: Offer, call_id: str, agent_status: Callable[[str], str] | None,
-           holder: str | None = None, now: float | None = None, prefer: str | None = None) -> str | None:
+           holder: str | None = None, now: float | None = None, prefer: str | None = None,
+           known: dict[str, dict] | None = None) -> str | None:
     """Reserve (for `holder`) and return the first preferred operator who is free (and available, when
     the offer skips OFFLINE/BREAK agents); None when nobody is. `prefer` (the CRM user who pressed "Call")
-    goes first when it is one of the offer's operators; otherwise the offer's rule decides."""
+    goes first when it is one of the offer's operators; otherwise the offer's rule decides. `known`: the
+    states as the caller read them a moment ago (a reservation is conditional, so one taken since only
+    moves the choice on to the next operator)."""
     now = time.time() if now is None else now
-    known = states(offer.operators)
+    known = known if known is not None else states(offer.operators)
     order = candidates(offer, known)
     if prefer in order:
         order = [prefer, *(p for p in order if p != prefer)]

@@ -16,10 +16,11 @@ from functions.core.observability import logger
 from functions.records import calls, leads
 
 
-def on_outcome(call_id: str, now: dt.datetime | None = None) -> str:
-    """Schedule the next attempt after the outcome's interval, or finish the lead; returns what it did."""
+def on_outcome(call_id: str, now: dt.datetime | None = None, call: dict | None = None) -> str:
+    """Schedule the next attempt after the outcome's interval, or finish the lead; returns what it did.
+    `call`: the ended call as the caller just read it (else it is read here)."""
     now = now or dt.datetime.now(dt.UTC)
-    call = calls.get(call_id)
+    call = call if call is not None else calls.get(call_id)
     if call is None or call.get("state") != "ended":
         raise ValueError(f"call {call_id} has not ended")
     lead_id, attempt, outcome = call["lead_id"], int(call["attempt"]), call["outcome"]

@@ -33,14 +33,27 @@ def store_event(event: XsiEvent) -> bool:
     })
 
 
+def _leg(item: dict) -> CallData:
+    leg = dict(item["leg"])
+    leg["redirect_addresses"] = tuple(leg.get("redirect_addresses") or ())
+    return CallData(**leg)
+
+
 def legs(ext: str) -> list[CallData]:
     """Every stored leg state of one provider call, in eventID order."""
-    found = []
-    for item in store.query(_track(ext), "EVENT#"):
-        leg = dict(item["leg"])
-        leg["redirect_addresses"] = tuple(leg.get("redirect_addresses") or ())
-        found.append(CallData(**leg))
-    return found
+    return [_leg(item) for item in store.query(_track(ext), "EVENT#")]
+
+
+def track(ext: str) -> tuple[str | None, list[CallData]]:
+    """The call the id is bound to (None before the binding) and every stored leg, in eventID order: the
+    binding and the events share the partition, so an event costs one Query for both, not a read each."""
+    bound, found = None, []
+    for item in store.query(_track(ext)):
+        if item["sk"] == "CALL":
+            bound = item.get("call_id")
+        elif item["sk"].startswith("EVENT#"):
+            found.append(_leg(item))
+    return bound, found
 
 
 def bind(ext: str, call_id: str, target_id: str = "") -> str:

@@ -43,10 +43,11 @@ def get(call_id: str) -> dict | None:
     return store.get(_key(call_id))
 
 
-def claim(call_id: str, attributes: dict) -> bool:
+def claim(call_id: str, attributes: dict, lead: dict | None = None) -> bool:
     """Move the call to "dialing" if nobody has: absent (automatic callback) or "queued" (created by
     POST /v1/calls). Exactly one concurrent caller gets True. The same transaction counts the call as
-    placed on its day (`counted_day`) and, for the lead's first call, the speed-to-lead sample."""
+    placed on its day (`counted_day`) and, for the lead's first call, the speed-to-lead sample. `lead`: the
+    call's lead as the caller read it (else it is read here; its first-call marker is conditional anyway)."""
     changes = {**attributes, "call_id": call_id, "state": "dialing", "ttl": retention.ttl()}
     claimable = {"condition": "attribute_not_exists(pk) OR #state = :queued", "names": {"#state": "state"},
                  "values": {":queued": "queued"}}
@@ -56,7 +57,8 @@ def claim(call_id: str, attributes: dict) -> bool:
     dialing_at = attributes.get("dialing_at") or times.now_iso()
     changes["counted_day"] = day = daily.day_of(offer_id, dialing_at)
     lead_id = attributes.get("lead_id")
-    lead = leads.get(lead_id) if isinstance(lead_id, str) else None
+    if lead is None or lead.get("lead_id") != lead_id:
+        lead = leads.get(lead_id) if isinstance(lead_id, str) else None
     speed = daily.seconds_between((lead or {}).get("created_at"), dialing_at)
     if lead is not None and speed is not None and lead.get("first_dialled_call") in (None, call_id):
         marker = daily.tx_update(
@@ -106,26 +108,34 @@ def update(call_id: str, **changes) -> bool:
     return store.update(_key(call_id), changes, condition="attribute_exists(pk)")
 
 
-def progress(call_id: str, **changes) -> bool:
-    """Update a call that has not ended (a late "ringing" event must not reopen an ended call)."""
+def progress(call_id: str, **changes) -> dict | bool:
+    """Update a call that has not ended (a late "ringing" event must not reopen an ended call): the call as
+    it is now, or False when it has ended (or does not exist)."""
     return store.update(_key(call_id), changes, condition="attribute_exists(pk) AND #state <> :ended",
-                        names={"#state": "state"}, values={":ended": "ended"})
+                        names={"#state": "state"}, values={":ended": "ended"}, return_new=True)
 
 
 def finish(call_id: str, outcome: str, **changes) -> bool:
     """Mark the call ended with its outcome, once: a second finish (duplicate events) is False. The same
     transaction adds the call's outcome to its day's counters and puts it on the recent-calls feed."""
+    return end(call_id, outcome, **changes)[0]
+
+
+def end(call_id: str, outcome: str, **changes) -> tuple[bool, dict | None]:
+    """`finish`, and the call as it is afterwards (None when there is none), so that the caller running the
+    ended call's consequences needs no read of its own."""
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
     fields = {**changes, "state": "ended", "outcome": outcome, "ended_at": changes.get("ended_at") or times.now_iso()}
     for _ in range(3):  # the counts are computed from a read: a change since then means read again
         call = get(call_id)
         if call is None or call.get("state") == "ended":
-            return False
+            return False, call
         offer_id = call.get("offer_id")
         if not isinstance(offer_id, int) or isinstance(offer_id, bool):
-            return store.update(_key(call_id), fields, condition="attribute_exists(pk) AND #state <> :ended",
-                                names={"#state": "state"}, values={":ended": "ended"})
+            ended = store.update(_key(call_id), fields, condition="attribute_exists(pk) AND #state <> :ended",
+                                 names={"#state": "state"}, values={":ended": "ended"}, return_new=True)
+            return (True, ended) if ended else (False, get(call_id))
         ended = {**call, **fields, "call_id": call_id}
         day, adds = _finish_counts(offer_id, ended)
         values = {":ended": "ended"}
@@ -139,8 +149,8 @@ def finish(call_id: str, outcome: str, **changes) -> bool:
         feed = daily.tx_recent(ended, retention.ttl())
         if not daily.write(fact, daily.tx_count(offer_id, day, adds), also=feed, also_put=True):
             daily.trim_recent()
-            return True
-    return False
+            return True, ended  # what a read would return now
+    return False, get(call_id)
 
 
 def _finish_counts(offer_id: int, call: dict) -> tuple[str, dict]:

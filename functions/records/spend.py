@@ -36,11 +36,12 @@ def add(rub: float, yyyy_mm: str | None = None) -> float:
     return float(item["rub"])
 
 
-def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None) -> bool:
+def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None, call: dict | None = None) -> bool:
     """Add a call's cost to the month and mark the call `cost_counted`, in one transaction: both or
     neither, so a crash never loses the cost and a retry (also after a lost answer) never counts it
     twice. True when this call counted it, False when it had been counted before. The call's day
-    (records/daily.py, the day it was dialled) gets the cost in the same transaction."""
+    (records/daily.py, the day it was dialled) gets the cost in the same transaction. `call`: the call
+    item as the caller just read it (its offer and day are read from it)."""
     from boto3.dynamodb.types import TypeSerializer
     from botocore.exceptions import ClientError
 
@@ -59,7 +60,7 @@ def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None) -> bool:
         "ExpressionAttributeNames": {"#flag": "cost_counted"},
         "ExpressionAttributeValues": {":at": typed(times.now_iso())},
     }
-    call = calls.get(call_id) or {}
+    call = (call if call is not None else calls.get(call_id)) or {}  # the caller's read, when it has one
     offer_id = call.get("offer_id")
     if isinstance(offer_id, int) and not isinstance(offer_id, bool):
         day = call.get("counted_day") or daily.day_of(offer_id, call.get("dialing_at") or call.get("created_at"))

@@ -115,8 +115,9 @@ def _patterns_for(target_id: str) -> set[str]:
 
 
 def _find_outbound(event: XsiEvent) -> str | None:
-    for pattern in _patterns_for(event.target_id):
-        call_id = operators.busy_call(pattern)
+    # Every name of the abonent at once: one Query of the operators' partition, not a read per name.
+    for item in operators.states(sorted(_patterns_for(event.target_id))).values():
+        call_id = item.get("busy_call")
         if call_id:
             call = calls.get(call_id) or {}
             if call.get("state") not in (None, "ended", "queued") and not call.get("ext_tracking_id"):
@@ -140,7 +141,7 @@ def process(event: XsiEvent) -> str:
     """Bring the event's call up to date from every stored event (the event itself already stored)."""
     leg = event.call
     ext = leg.ext_tracking_id
-    call_id = call_events.bound_call(ext)
+    call_id, legs = call_events.track(ext)  # read after this event was stored: it is among the legs
     if call_id is None:
         found = _find_outbound(event)
         if found is None and leg.personality == "Terminator":
@@ -149,12 +150,13 @@ def process(event: XsiEvent) -> str:
             logger.info("event for no known call: kept", extra={"ext_tracking_id": ext, "type": event.event_type})
             return "unbound"
         call_id = call_events.bind(ext, found, event.target_id)
-    return refresh(call_id, ext)
+    return refresh(call_id, ext, legs)
 
 
-def refresh(call_id: str, ext: str) -> str:
-    """Re-derive the call from its stored events and record the result."""
-    derived = derive(call_events.legs(ext))
+def refresh(call_id: str, ext: str, legs: list[CallData] | None = None) -> str:
+    """Re-derive the call from its stored events (`legs`, when the caller has just read them) and record the
+    result."""
+    derived = derive(call_events.legs(ext) if legs is None else legs)
     if derived.state == "ended":
         finalize(call_id, derived.outcome, answered_at=times.from_epoch_ms(derived.answered_ms),
                  ended_at=times.from_epoch_ms(derived.ended_ms), talk_seconds=derived.talk_seconds, source="events")
@@ -162,9 +164,9 @@ def refresh(call_id: str, ext: str) -> str:
     changes = {"state": derived.state}
     if derived.answered_ms:
         changes["answered_at"] = times.from_epoch_ms(derived.answered_ms)
-    calls.progress(call_id, **changes)
-    if derived.state == "talking":
-        keep_alive(call_id, calls.get(call_id) or {})
+    call = calls.progress(call_id, **changes)
+    if call and derived.state == "talking":  # an ended call's lease and operator are not to be kept
+        keep_alive(call_id, call)
     return derived.state
 
 
@@ -179,17 +181,17 @@ def keep_alive(call_id: str, call: dict) -> None:
         operators.reserve(call["operator"], call_id, holder=call.get("holder") or call_id)  # extends busy_until
 
 
-def _dispatch_waiting(call_id: str, call: dict) -> None:
+def _dispatch_waiting(call_id: str, call: dict) -> bool:
     """Capacity just freed: a waiting lead gets it once the operator's wrap-up is over (calling/dispatch.py).
-    Sent, then flagged; a failure to send is left to the dispatch sweep (each minute) rather than holding up
-    the call's other consequences."""
+    True when sent; a failure to send is left to the dispatch sweep (each minute) rather than holding up the
+    call's other consequences."""
     try:
         dispatch.released(call)
     except Exception:  # noqa: BLE001
         logger.warning("dispatch after release not sent: the sweep dispatches", extra={"call_id": call_id},
                        exc_info=True)
-        return
-    calls.flag_once(call_id, "dispatch_triggered")
+        return False
+    return True
 
 
 def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ended_at: str | None = None,
@@ -200,16 +202,19 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
     answered = outcome == "answered"
     talk = int(talk_seconds) if answered else 0
     cost = math.ceil(talk / 60) * cfg.tariff_rub_per_minute if talk else 0.0
-    ended_now = calls.finish(call_id, outcome, answered_at=answered_at if answered else None,
-                             ended_at=ended_at or times.now_iso(), talk_seconds=talk, cost_rub=round(cost, 2),
-                             short_call=answered and talk < 60, settled_by=source)
-    call = calls.get(call_id)
+    ended_now, call = calls.end(call_id, outcome, answered_at=answered_at if answered else None,
+                                ended_at=ended_at or times.now_iso(), talk_seconds=talk, cost_rub=round(cost, 2),
+                                short_call=answered and talk < 60, settled_by=source)
     if call is None or call.get("effects_done"):
         return ended_now
     if call.get("cost_rub") and not call.get("cost_counted"):
         # The cost and its flag in one transaction; counted in the business month the call ended in.
-        spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])))
+        spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])), call=call)
         budget.cost_added(spend.month(times.parse(call["ended_at"])))  # owner alerts at 80%/100% (R-23)
+    # Flags of the steps below that are not once-only by themselves, written together with effects_done
+    # after every step: a crash in between repeats a step whose repeat is harmless (a second dispatch pass
+    # finds nothing more to do; the recorder and the write-back are idempotent), never skips one.
+    done = {"effects_done": True}
     if call.get("direction") != "inbound":
         if call.get("channel_slot") is not None:
             channels.release(call["provider"], int(call["channel_slot"]), call.get("holder") or call_id)
@@ -217,21 +222,21 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
             offer = cfg.offer(call.get("offer_id"))
             operators.release(call["operator"], call.get("holder") or call_id,  # the claim's holder token
                               wrap_up_seconds=offer.wrap_up_seconds if offer else 0)
-        if not call.get("dispatch_triggered"):
-            _dispatch_waiting(call_id, call)
+        if not call.get("dispatch_triggered") and _dispatch_waiting(call_id, call):
+            done["dispatch_triggered"] = times.now_iso()
     calls.log_ended(call["lead_id"], call["ended_at"], call_id)
     if call.get("direction") == "inbound":
         if call["outcome"] == "answered":
             leads.update(call["lead_id"], called_by_person_at=times.now_iso())
     else:
-        retry_policy.on_outcome(call_id)
+        retry_policy.on_outcome(call_id, call=call)
     if not call.get("post_call_queued"):
-        # Sent, then flagged: a crash in between sends the job twice, which is harmless (the recorder and
-        # the write-back are idempotent); flagging first would lose the recording and the write-back.
+        # Sent, then flagged: a crash in between sends the job twice, which is harmless; flagging first
+        # would lose the recording and the write-back.
         job = "recording" if call["outcome"] == "answered" and cfg.provider.recording else "writeback"
         queues.send("recordings", {"job": job, "call_id": call_id})
-        calls.flag_once(call_id, "post_call_queued")
-    calls.update(call_id, effects_done=True)
+        done["post_call_queued"] = times.now_iso()
+    calls.update(call_id, **done)
     calls.mark_closed(call_id)
     if ended_now:
         logger.info("call ended", extra={"call_id": call_id, "lead_id": call["lead_id"], "outcome": call["outcome"],

@@ -83,6 +83,28 @@ def test_a_newer_registration_replaces_the_old_and_an_older_replay_does_not(sr):
     assert plugins.secret("1") == HPT
 
 
+def test_a_registration_counts_at_once_and_a_yes_is_kept_a_while(sr, monkeypatch):
+    """Every write-back job asks whether the plugin is registered. A no is asked again each time (the
+    registration arrives in another container, and the next finished call must get its CDR); a yes is kept
+    per container for REGISTERED_SECONDS (a registration is replaced, never removed)."""
+    import types
+
+    asked = []
+    resources.table().meta.client.meta.events.register("provide-client-params.dynamodb.GetItem",
+                                                       lambda params, **_: asked.append(params["Key"]["pk"]))
+    assert not plugins.registered("1") and not plugins.registered("1")
+    assert asked == ["PLUGIN#1", "PLUGIN#1"]
+    register(sr)
+    assert plugins.registered("1")  # at once after the registration
+    asked.clear()
+    assert plugins.registered("1") and plugins.registered("1")
+    assert asked == []
+    later = time.monotonic() + plugins.REGISTERED_SECONDS + 1
+    monkeypatch.setattr(plugins, "time", types.SimpleNamespace(monotonic=lambda: later))
+    assert plugins.registered("1")
+    assert asked == ["PLUGIN#1"]  # asked again after a while
+
+
 def _other_key():
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 

@@ -29,6 +29,20 @@ def webhook_secret(monkeypatch):
 
 
 @pytest.fixture
+def dynamodb_requests(aws):
+    """Every DynamoDB request as it goes out: (operation, its item's pk or None)."""
+    sent = []
+
+    def capture(params, model, **_):
+        pk = (params.get("Key") or params.get("Item") or {}).get("pk")
+        sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
+
+    for dynamodb in (resources.table().meta.client, resources.client("dynamodb")):
+        dynamodb.meta.events.register("provide-client-params.dynamodb", capture)
+    return sent
+
+
+@pytest.fixture
 def now_callbacks(monkeypatch):
     monkeypatch.setenv("CALLBACK_DELAY_SECONDS", "0")
 
@@ -164,6 +178,31 @@ def test_own_order_is_recognised_before_the_intake_worker_links_it(client, sales
     assert json.loads(hook(client, salesrender_sandbox.webhook_body(order_id)).body)["orders"] == {order_id: "seen"}
     assert order_links.get(order_id)["lead_id"] == lead_id
     assert leads.get(leads.lead_id_for("salesrender", order_id)) is None
+
+
+def test_an_own_order_not_linked_yet_costs_one_read_of_its_lead(client, salesrender_sandbox, dynamodb_requests):
+    """Issue 9: the lead named by the order is read once (not again after linking it), the link is a put, and
+    the order's status a write: four requests for a webhook of an order in PROCESSING."""
+    lead_id, order_id = lead_with_order(client, salesrender_sandbox)
+    resources.table().delete_item(Key={"pk": f"ORDER#{order_id}", "sk": "ORDER"})  # as if not linked yet
+    dynamodb_requests.clear()
+    assert json.loads(hook(client, salesrender_sandbox.webhook_body(order_id)).body)["orders"] == {order_id: "seen"}
+    sent = list(dynamodb_requests)
+    assert [op for op, pk in sent if pk == f"LEAD#{lead_id}"] == ["GetItem"]
+    assert [op for op, pk in sent if pk == f"ORDER#{order_id}"] == ["GetItem", "PutItem", "UpdateItem"]
+    assert len(sent) <= 4, sent
+    assert order_links.get(order_id)["lead_id"] == lead_id
+
+
+def test_a_link_refused_names_the_first_lead_without_a_read(aws, dynamodb_requests):
+    """The intake worker and the webhook race to link each new order: the loser's refused put carries the
+    link that won (ReturnValuesOnConditionCheckFailure), so it needs no GetItem."""
+    assert order_links.link("8001", "lead-first", "callbridge") == "lead-first"
+    dynamodb_requests.clear()
+    assert order_links.link("8001", "lead-second", "crm") == "lead-first"
+    assert [op for op, _ in dynamodb_requests] == ["PutItem"]
+    stored = order_links.get("8001")
+    assert (stored["lead_id"], stored["origin"]) == ("lead-first", "callbridge")  # the first link stays
 
 
 def test_an_order_from_outside_gets_a_lead_and_one_callback(client, salesrender_sandbox, now_callbacks):

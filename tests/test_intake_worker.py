@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 from conftest import TILDA_KEY, bodies, deliver, post_lead, receive
 
-from functions.core import queues, replay_dlq, resources
+from functions.core import queues, replay_dlq, resources, times
 from functions.records import leads
 from infra.local.runner import LambdaContext
 
@@ -31,6 +31,20 @@ def sent(aws):
     return calls
 
 
+
+
+@pytest.fixture
+def dynamodb_requests(aws):
+    """Every DynamoDB request as it goes out, the idempotency layer's too: (operation, its item's pk or None)."""
+    sent = []
+
+    def capture(params, model, **_):
+        pk = (params.get("Key") or params.get("Item") or {}).get("pk")
+        sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
+
+    for dynamodb in (resources.table().meta.client, resources.client("dynamodb")):
+        dynamodb.meta.events.register("provide-client-params.dynamodb", capture)
+    return sent
 
 
 @pytest.fixture
@@ -136,6 +150,37 @@ def test_concurrent_workers_on_one_lead_create_one_order(client, salesrender_san
     assert len(salesrender_sandbox.orders()) == 1
 
 
+def test_a_new_lead_costs_one_read_and_two_writes_of_its_item(client, salesrender_sandbox, dynamodb_requests):
+    """Issue 9: the lead read once; the callback's flag and the order's attempt marker in one write, the order
+    id in the other; the order's link; the idempotency record's put and update. Six requests in all."""
+    lead_id = post_lead(client)
+    dynamodb_requests.clear()
+    assert redeliver() == [True]
+    sent = list(dynamodb_requests)
+    lead = leads.get(lead_id)
+    assert lead["callback_scheduled_at"] and lead["order_attempted_at"] and lead["order_id"]
+    assert sorted(op for op, pk in sent if pk == f"LEAD#{lead_id}") == ["GetItem", "UpdateItem", "UpdateItem"]
+    assert len(sent) <= 6, sent
+
+
+def test_a_copy_that_finds_the_callback_flagged_still_marks_the_order_attempt(client, salesrender_sandbox,
+                                                                              monkeypatch):
+    """The attempt marker rides on the callback's flag only when that write is this copy's: read before another
+    copy flagged the callback (and the dialer moved the lead on), this one marks the attempt on its own."""
+    from functions.intake import order_worker
+
+    lead_id = post_lead(client)
+    stale, real_get = leads.get(lead_id), leads.get
+    leads.update(lead_id, callback_scheduled_at=times.now_iso(), state="dialing")  # since this copy's read
+    reads = iter([stale])
+    monkeypatch.setattr(leads, "get", lambda some_id: next(reads, None) or real_get(some_id))
+    order_worker.process({"lead_id": lead_id})
+    lead = real_get(lead_id)
+    assert lead["state"] == "dialing"  # the refused flag did not move the lead back
+    assert lead["order_attempted_at"] and lead["order_id"]
+    assert len(salesrender_sandbox.orders()) == 1
+
+
 @pytest.mark.parametrize("fault", [{"status": 503}, {"status": 502}, {"graphql_error": "ERR_ORDER_LOCKED"},
                                    {"delay_seconds": 0}])
 def test_transient_failure_is_retried_with_backoff_then_succeeds(client, salesrender_sandbox, monkeypatch, fault):
@@ -168,6 +213,7 @@ def test_poison_lead_goes_to_the_dlq_with_its_reason_and_replays_after_the_fix(c
     assert salesrender_sandbox.orders() == []
     lead = leads.get(lead_id)
     assert lead["order_state"] == "failed" and "ERR_ORDER_STATUS_NOT_FOUND" in lead["error"]
+    assert lead["last_error"] == lead["error"] and lead["last_error_at"] and lead["order_failed_at"]
     assert lead["state"] == "callback_scheduled"  # still called on time: the order follows after the fix
     [parked] = receive("intake", dlq=True)
     assert json.loads(parked["Body"]) == {"lead_id": lead_id}

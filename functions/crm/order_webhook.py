@@ -200,32 +200,39 @@ def _known_lead(order_id: str, order: dict, cfg: config.Config) -> dict | None:
     lead_id = order_links.lead_of(order_id)
     if lead_id is None:
         candidate = sr_orders.lead_id_of(order)  # ours even when the intake worker has not linked it yet
-        if candidate and leads.get(candidate) is not None:
+        lead = leads.get(candidate) if candidate else None
+        if lead is not None:
             lead_id = order_links.link(order_id, candidate, "callbridge")
+            if lead_id == candidate:
+                return lead  # read just now: only the order's item was written since
     if lead_id is None:
-        lead_id = _lead_in_flight(order_id, order, cfg)
+        lead_id, lead = _lead_in_flight(order_id, order, cfg)
+        if lead is not None:
+            return lead
     return leads.get(lead_id) if lead_id else None
 
 
-def _lead_in_flight(order_id: str, order: dict, cfg: config.Config) -> str | None:
+def _lead_in_flight(order_id: str, order: dict, cfg: config.Config) -> tuple[str | None, dict | None]:
     """The lead of the order's phone when it is this order's: it names this order (a lead from before the
     orders were linked), or its offer's orders cannot carry the lead id (no comment field, no landing_url)
-    and its addOrder is under way right now, so this order is the one being made."""
+    and its addOrder is under way right now, so this order is the one being made. (lead id, the lead as
+    read here when the order is now linked to it, else None: a link that was already there may name another)."""
     offer = _offer_of(order, cfg)
     if offer is None:
-        return None
+        return None, None
     try:
         phone = normalise(sr_orders.phone_of(order, offer) or "")
     except InvalidPhone:
-        return None
+        return None, None
     known = leads.latest_by_phone(phone)
     if not known:
-        return None
+        return None, None
     in_flight = (not sr_orders.findable(offer) and known.get("offer_id") == offer.id
                  and known.get("order_attempted_at") and not known.get("order_id"))
     if str(known.get("order_id") or "") == order_id or in_flight:
-        return order_links.link(order_id, known["lead_id"], "callbridge")
-    return None
+        lead_id = order_links.link(order_id, known["lead_id"], "callbridge")
+        return lead_id, known if lead_id == known["lead_id"] else None
+    return None, None
 
 
 def _adopt(order_id: str, order: dict, cfg: config.Config, log: dict) -> dict | None:

@@ -12,6 +12,7 @@ Steps, each safe to repeat after a crash or a duplicate message:
    `order_attempted_at` before the first `addOrder`, the order carries the lead id, and every later
    attempt first looks for that order among the newest ones (`ordersFetcher`);
 3. the order id is written on the lead (the lead's `state` belongs to the calling stages by then).
+A new lead's `order_attempted_at` goes with the callback's flag, in one write (`process`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from functions.records import orders as order_links
 ORDER_RECORD_DAYS = 30
 
 
-def _create_order(lead: dict) -> str:
+def _create_order(lead: dict, attempt_marked: bool = False) -> str:
     lead_id = lead["lead_id"]
     offer = config.load().offer(lead["offer_id"])
     client = salesrender.default_client()
@@ -45,7 +46,8 @@ def _create_order(lead: dict) -> str:
             metric("OrdersFoundAfterLostAnswer", offer=str(offer.id))
             return found
     else:
-        leads.update(lead_id, only_if_missing="order_attempted_at", order_attempted_at=times.now_iso())
+        if not attempt_marked:
+            leads.update(lead_id, only_if_missing="order_attempted_at", order_attempted_at=times.now_iso())
         if not orders.findable(offer):
             logger.warning("offer has no comment field and no landing_url: a lost answer cannot be looked up",
                            extra={"lead_id": lead_id, "offer_id": offer.id})
@@ -79,18 +81,21 @@ def _create_order_once():
     )(_create_order)
 
 
-def _schedule_first_callback(lead: dict, offer: config.Offer, log: dict) -> None:
+def _schedule_first_callback(lead: dict, offer: config.Offer, log: dict, also: dict | None = None) -> bool:
+    """Send the first callback, then flag it (with `also` in the same write); True when this flagged it."""
     now = times.utcnow()
     delay = config.callback_delay(offer)
     # Due `delay` after the form arrived, not after the order: a slow CRM must not delay the call.
     due = (times.parse(lead.get("created_at")) or now) + dt.timedelta(seconds=delay)
     schedule.schedule(lead["lead_id"], attempt=1, due_at=due, reason="new_lead", now=now)
-    leads.update(lead["lead_id"], only_if_missing="callback_scheduled_at", callback_scheduled_at=times.now_iso(),
-                 callback_due_at=times.iso(due), state="callback_scheduled")
+    flagged = leads.update(lead["lead_id"], only_if_missing="callback_scheduled_at",
+                           callback_scheduled_at=times.now_iso(), callback_due_at=times.iso(due),
+                           state="callback_scheduled", **(also or {}))
     logger.info("callback scheduled", extra={**log, "delay_seconds": delay, "due_at": times.iso(due)})
+    return flagged
 
 
-def _ensure_order(lead: dict, offer: config.Offer, log: dict, lambda_context) -> None:
+def _ensure_order(lead: dict, offer: config.Offer, log: dict, lambda_context, attempt_marked: bool = False) -> None:
     from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 
     lead_id = lead["lead_id"]
@@ -98,15 +103,17 @@ def _ensure_order(lead: dict, offer: config.Offer, log: dict, lambda_context) ->
     if lambda_context is not None:
         idem_config.register_lambda_context(lambda_context)
     try:
-        order_id = create_once(lead=lead)
+        order_id = create_once(lead=lead, attempt_marked=attempt_marked)  # only `lead_id` keys the record
     except IdempotencyAlreadyInProgressError:
         raise Transient("order creation for this lead is in progress elsewhere") from None
     except salesrender.SalesRenderError as exc:
-        leads.update(lead_id, last_error=str(exc), last_error_at=times.now_iso())
-        metric("OrderFailures", offer=str(offer.id), code=exc.code)
+        failed = {"last_error": str(exc), "last_error_at": times.now_iso()}
         if not exc.transient:
             # `order_state`, not `state`: the lead may be being called already.
-            leads.update(lead_id, order_state="failed", error=str(exc), order_failed_at=times.now_iso())
+            failed.update(order_state="failed", error=str(exc), order_failed_at=times.now_iso())
+        leads.update(lead_id, **failed)
+        metric("OrderFailures", offer=str(offer.id), code=exc.code)
+        if not exc.transient:
             raise Poison(str(exc), code=exc.code) from None
         raise Transient(str(exc)) from None
     order_links.link(order_id, lead_id, "callbridge")  # the order webhook finds its lead by it (R-21)
@@ -128,7 +135,16 @@ def process(message: dict, lambda_context=None) -> None:
         raise Poison(f"offer {lead['offer_id']} is not configured", code="unknown_offer")
     log = {"lead_id": lead_id, "offer_id": offer.id, "phone": mask(lead["phone"])}
 
+    attempt_marked = False
     if not lead.get("callback_scheduled_at"):
-        _schedule_first_callback(lead, offer, log)
+        # A new lead: its order's attempt marker rides on the callback's flag, one UpdateItem instead of
+        # two. Marking before the idempotency lock rather than just before addOrder is on the safe side (a
+        # marker without an addOrder costs the next attempt one look-up). The write is conditional on the
+        # callback's flag alone, which is enough: order_attempted_at is only ever written after or with that
+        # flag, so an absent flag means an absent marker. When the write is refused (a copy flagged it
+        # meanwhile), the order step marks on its own as before.
+        mark = not lead.get("order_id") and not lead.get("order_attempted_at")
+        flagged = _schedule_first_callback(lead, offer, log, {"order_attempted_at": times.now_iso()} if mark else None)
+        attempt_marked = mark and flagged
     if not lead.get("order_id"):
-        _ensure_order(lead, offer, log, lambda_context)
+        _ensure_order(lead, offer, log, lambda_context, attempt_marked)

@@ -45,8 +45,11 @@ def process(message: dict) -> None:
     if job == "recording":
         fetch_recording(call_id)
     elif job == "writeback":
-        queue_cdr(call_id)  # before the write-back: a write-back that fails for good must not cost the CDR
-        write_back.write_back(call_id)
+        call = calls.get(call_id)  # read once for both steps (queue_cdr's flag is all that changes in between)
+        if call is None:
+            raise Poison(f"call {call_id} does not exist", code="unknown_call")
+        queue_cdr(call_id, call)  # before the write-back: a write-back that fails for good must not cost the CDR
+        write_back.write_back(call_id, call)
     else:
         raise Poison(f"unknown job {job!r}", code="unknown_job")
 
@@ -181,10 +184,10 @@ def _queue_writeback(call_id: str, call: dict) -> None:
     calls.flag_once(call_id, "writeback_queued")
 
 
-def queue_cdr(call_id: str) -> bool:
+def queue_cdr(call_id: str, call: dict | None = None) -> bool:
     """Queue the call's CDR job once (sent, then flagged: a crash in between queues it twice, and the CDR
-    worker sends a call's CDR once). True when this queued it."""
-    call = calls.get(call_id)
+    worker sends a call's CDR once). True when this queued it. `call`: the call item if just read."""
+    call = call if call is not None else calls.get(call_id)
     if call is None or call.get("cdr_queued") or call.get("state") != "ended" or call.get("outcome") == "not_dialled":
         return False
     if not plugins.registered(company_id()):

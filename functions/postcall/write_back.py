@@ -135,9 +135,9 @@ def call_log_text(lead_calls_: list[dict], offer: Offer) -> str:
     return text[:CALL_LOG_MAX_CHARS]
 
 
-def write_back(call_id: str) -> str:
-    """The write-back job; returns what happened."""
-    call = calls.get(call_id)
+def write_back(call_id: str, call: dict | None = None) -> str:
+    """The write-back job; returns what happened. `call`: the call item if the caller has just read it."""
+    call = call if call is not None else calls.get(call_id)
     if call is None:
         raise Poison(f"call {call_id} does not exist", code="unknown_call")
     lead_id = call.get("lead_id")

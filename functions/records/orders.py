@@ -8,7 +8,7 @@ for one made outside callbridge (in the CRM, imported, from a CPA network). The 
 
 from __future__ import annotations
 
-from functions.core import store, times
+from functions.core import resources, store, times
 from functions.records import retention
 
 MAX_ORDER_ID_BYTES = 64
@@ -20,10 +20,32 @@ def _key(order_id: str) -> dict:
 
 def link(order_id: str, lead_id: str, origin: str) -> str:
     """Tie the order to a lead unless it is tied already; returns the lead it is tied to (first one wins)."""
-    if store.put_new(_key(order_id), {"order_id": order_id, "lead_id": lead_id, "origin": origin,
-                                      "linked_at": times.now_iso(), "ttl": retention.ttl()}):
-        return lead_id
-    return str((get(order_id) or {}).get("lead_id") or lead_id)
+    from botocore.exceptions import ClientError
+
+    item = {"order_id": order_id, "lead_id": lead_id, "origin": origin, "linked_at": times.now_iso(),
+            "ttl": retention.ttl()}
+    try:
+        # A refused put hands back the link that is there (ALL_OLD): no GetItem after it. The webhook and
+        # the intake worker race to link every new order, so the loser's read was a request per lead.
+        resources.table().put_item(Item={**_key(order_id), **store.to_dynamo(item)},
+                                   ConditionExpression="attribute_not_exists(pk)",
+                                   ReturnValuesOnConditionCheckFailure="ALL_OLD")
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+            raise
+        linked = _lead_in(exc.response.get("Item"))
+        if linked is None:  # an endpoint that ignores ReturnValuesOnConditionCheckFailure: read it
+            linked = (get(order_id) or {}).get("lead_id")
+        return str(linked or lead_id)
+    return lead_id
+
+
+def _lead_in(raw: dict | None) -> str | None:
+    """The lead id of an item in DynamoDB's wire shape (an error response is not deserialised by boto3)."""
+    value = (raw or {}).get("lead_id")
+    if isinstance(value, dict):
+        value = value.get("S")
+    return str(value) if value else None
 
 
 def get(order_id: str) -> dict | None:

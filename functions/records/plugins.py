@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import time
 
-from functions.core import secrets, store, times
+from functions.core import resources, secrets, store, times
 
 KEY_SECRET = "PLUGIN_ENCRYPTION_KEY"  # noqa: S105 - the name of the secret, not its value
 
@@ -65,8 +66,26 @@ def get(cid: str) -> dict | None:
     return item
 
 
+# Every write-back job asks `registered`; a registration is only ever replaced, never deleted here, so a yes
+# stays true and is kept a while per container. A no is never kept: the registration arrives in another
+# container (the API's), and the next finished call of a company that has just installed the plugin must get
+# its CDR. The entry belongs to the table client it was read with (resources.reset() starts afresh). An item
+# deleted by hand is noticed within REGISTERED_SECONDS: meanwhile CDRs are still queued (the CDR worker drops
+# them, "no_plugin") and an "auto" call-log write-back (postcall/write_back.py) still stays off.
+REGISTERED_SECONDS = 60.0
+_registered: dict[str, tuple[object, float]] = {}
+
+
 def registered(cid: str | None) -> bool:
-    return bool(cid) and get(cid) is not None
+    if not cid:
+        return False
+    table, until = _registered.get(cid, (None, 0.0))
+    if table is resources.table() and time.monotonic() < until:
+        return True
+    if get(cid) is None:
+        return False
+    _registered[cid] = (resources.table(), time.monotonic() + REGISTERED_SECONDS)
+    return True
 
 
 def secret(cid: str) -> str:

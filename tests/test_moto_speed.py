@@ -91,3 +91,36 @@ def test_a_message_past_its_queues_retention_period_is_still_not_delivered():
     bodies = [m["Body"] for _ in range(2)
               for m in sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0).get("Messages", [])]
     assert bodies == ["new"], bodies
+
+
+@mock_aws
+def test_a_send_still_deduplicates_by_content_and_the_queue_counts_stay_right():
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    fifo = sqs.create_queue(QueueName="d.fifo", Attributes={"FifoQueue": "true",
+                                                           "ContentBasedDeduplication": "true"})["QueueUrl"]
+    for _ in range(3):  # SendMessage reads ContentBasedDeduplication from the queue's attributes
+        sqs.send_message(QueueUrl=fifo, MessageBody="same", MessageGroupId="g")
+    url = sqs.create_queue(QueueName="plain")["QueueUrl"]
+    for n in range(5):
+        sqs.send_message(QueueUrl=url, MessageBody=str(n))
+    sqs.send_message(QueueUrl=url, MessageBody="later", DelaySeconds=60)
+    sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=2, VisibilityTimeout=60)
+    counts = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert (counts["ApproximateNumberOfMessages"], counts["ApproximateNumberOfMessagesNotVisible"],
+            counts["ApproximateNumberOfMessagesDelayed"]) == ("3", "2", "1")
+    fifo_counts = sqs.get_queue_attributes(QueueUrl=fifo, AttributeNames=["ApproximateNumberOfMessages"])
+    assert fifo_counts["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+
+def test_moto_s_clock_is_the_time_now_and_still_converts_a_given_moment():
+    import datetime as dt
+    import time
+
+    from moto.core import utils
+    from moto.sqs import models
+
+    before = time.time()
+    now = utils.unix_time()
+    assert before <= now <= time.time() and models.unix_time is utils.unix_time
+    assert abs(utils.unix_time_millis() / 1000 - time.time()) < 1
+    assert utils.unix_time(dt.datetime(2026, 12, 2, 0, 0, 0)) == dt.datetime(2026, 12, 2, tzinfo=dt.UTC).timestamp()

@@ -17,6 +17,14 @@ core serves every request of every worker. A profile of a 200-lead burst showed:
    visibility timeout ending), so a dispatch sent with the offer's one-second wrap-up as DelaySeconds
    reached its poller up to a second late; it now looks every POLL_TICK_SECONDS.
 
+5. SendMessage computed all of the queue's attributes, counting its messages three times over, to read
+   ContentBasedDeduplication: with a backlog of a thousand intake messages, over a third of moto's CPU. While
+   a SendMessage runs on this thread the ApproximateNumberOfMessages* counts (which it never reads) are not
+   counted; GetQueueAttributes still counts them.
+6. moto's clock (`unix_time()` with no argument, which every message's visibility and delay check calls,
+   once per message per receive) built two datetimes and imported `datetime.UTC` on each call; it is now
+   `time.time()`, the same number.
+
 Every answer is still moto's own: its results, their order, paging and filters; only the work of finding
 them changed (tests/test_moto_speed.py).
 """
@@ -34,6 +42,60 @@ def patch() -> None:
     _patch_dispatch()
     _patch_sqs_retention()
     _patch_long_poll_tick()
+    _patch_send_attributes()
+    _patch_clock()
+
+
+_SENDING = threading.local()
+_COUNTS = ("approximate_number_of_messages", "approximate_number_of_messages_delayed",
+           "approximate_number_of_messages_not_visible")
+
+
+def _patch_send_attributes() -> None:
+    from moto.sqs.models import Queue, SQSBackend
+
+    send = SQSBackend.send_message
+    if getattr(send, "_uncounted", False):
+        return
+
+    def uncounted(counted):
+        # Thread-local: a GetQueueAttributes on another thread meanwhile still counts.
+        return property(lambda queue: 0 if getattr(_SENDING, "active", False) else counted.fget(queue))
+
+    for name in _COUNTS:
+        setattr(Queue, name, uncounted(getattr(Queue, name)))
+
+    @functools.wraps(send)
+    def send_message(self, *args, **kwargs):
+        outer = getattr(_SENDING, "active", False)
+        _SENDING.active = True
+        try:
+            return send(self, *args, **kwargs)
+        finally:
+            _SENDING.active = outer
+
+    send_message._uncounted = True
+    SQSBackend.send_message = send_message
+
+
+def _patch_clock() -> None:
+    import sys
+    import time
+
+    from moto.core import utils
+
+    original = utils.unix_time
+    if getattr(original, "_direct", False):
+        return
+
+    def unix_time(dt=None):
+        return time.time() if dt is None else original(dt)
+
+    unix_time._direct = True
+    # unix_time_millis looks unix_time up in moto.core.utils; modules that imported the name hold their own.
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("moto") and m is not None]:
+        if getattr(module, "unix_time", None) is original:
+            module.unix_time = unix_time
 
 
 def _patch_dispatch() -> None:

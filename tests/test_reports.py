@@ -193,10 +193,21 @@ def test_recent_calls_newest_first_with_phones_as_each_offer_shows_them(client, 
 
 def test_the_feed_is_capped(aws, monkeypatch):
     monkeypatch.setattr(daily, "RECENT_CAP", 3)
+    monkeypatch.setattr(daily, "TRIM_EVERY", 1)
     ids = [call(lead(n, "2026-11-10T10:00:00.000Z"), f"2026-11-10T10:0{n}:00.000Z", "busy") for n in range(5)]
     from functions.core import store
 
     assert [i["call_id"] for i in store.query(daily.RECENT_PK)] == ids[2:]
+
+
+def test_the_feed_is_trimmed_now_and_then_and_read_only_up_to_its_cap(aws, monkeypatch):
+    monkeypatch.setattr(daily, "RECENT_CAP", 3)
+    ids = [call(lead(n, "2026-11-10T10:00:00.000Z"), f"2026-11-10T10:{n:02d}:00.000Z", "busy") for n in range(40)]
+    from functions.core import store
+
+    kept = [i["call_id"] for i in store.query(daily.RECENT_PK)]
+    assert kept == ids[-len(kept):] and 3 <= len(kept) <= 3 + 2 * daily.TRIM_EVERY  # trimmed, newest kept
+    assert [c["call_id"] for c in daily.recent_calls(limit=50)] == ids[:-4:-1]  # never more than the cap
 
 
 @pytest.mark.parametrize("body,field,status", [

@@ -148,7 +148,7 @@ def end(call_id: str, outcome: str, **changes) -> tuple[bool, dict | None]:
                                names={"#state": "state", "#day": "counted_day"}, values=values)
         feed = daily.tx_recent(ended, retention.ttl())
         if not daily.write(fact, daily.tx_count(offer_id, day, adds), also=feed, also_put=True):
-            daily.trim_recent()
+            daily.trim_recent(call_id)
             return True, ended  # what a read would return now
     return False, get(call_id)
 

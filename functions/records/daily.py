@@ -27,7 +27,9 @@ add up across days and offers. The sample is taken once per lead, at the claim o
 marker `first_dialled_call` on the lead in the same transaction).
 
 The recent-calls feed (RECENT#CALLS, sk <ended_at>#<call_id>) gets one item per finished call in the
-finish transaction, is read newest first with a bounded Query, and is trimmed to RECENT_CAP items.
+finish transaction, is read newest first with a bounded Query (at most RECENT_CAP items), and is trimmed
+back to RECENT_CAP by one finish in TRIM_EVERY: a trim reads RECENT_CAP items and more, so trimming on
+every finish would cost more than the finish itself, and the few items above the cap are never read.
 
 DynamoDB cancels a transaction that meets another one on the same item (TransactionConflict, not
 retried by botocore): the hot day item makes that possible, so a cancelled transaction is tried again
@@ -41,6 +43,7 @@ import math
 import random
 import re
 import time
+import zlib
 from zoneinfo import ZoneInfo
 
 from functions.core import config, resources, store, times
@@ -54,6 +57,7 @@ STL_PREFIX = "stl_h_"
 STL_CAP_SECONDS = 30 * 86400  # anything slower lands in this last bucket
 RECENT_PK = "RECENT#CALLS"
 RECENT_CAP = 200
+TRIM_EVERY = 10
 APPROVED_TTL_SECONDS = 400 * 86400  # an order's once-marker outlives any plausible webhook redelivery
 CONFLICT_ATTEMPTS = 6
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -339,11 +343,14 @@ def recent_calls(limit: int = 20) -> list[dict]:
             for item in page["Items"]]
 
 
-def trim_recent() -> None:
-    """Keep the feed at RECENT_CAP items: each finish adds one and this removes what is beyond (up to
-    25 a pass). Best effort: the items also expire with the data retention."""
+def trim_recent(call_id: str | None = None) -> None:
+    """Keep the feed near RECENT_CAP items: each finish adds one, and the finish of one call in TRIM_EVERY
+    (by its id; every call when None) removes what is beyond (up to 25 a pass, more than TRIM_EVERY). Best
+    effort: the items also expire with the data retention."""
     from boto3.dynamodb.conditions import Key
 
+    if call_id is not None and zlib.crc32(call_id.encode()) % TRIM_EVERY:
+        return
     try:
         page = resources.table().query(KeyConditionExpression=Key("pk").eq(RECENT_PK), ScanIndexForward=False,
                                        Limit=RECENT_CAP + 25, ProjectionExpression="pk, sk")

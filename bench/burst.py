@@ -241,18 +241,20 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
         accepted = sum(1 for s in statuses if s == 200)
         unanswered = leads - len(statuses)
 
-        # Wait until every accepted lead was called and every call ended, or nothing moved for quiet_seconds,
-        # or the time is up.
-        last_progress, last_seen, calls = time.time(), -1, []
+        # Wait until every accepted lead was called and every call ended, or nothing moved (no originate, no
+        # release) for longer than the longest call could last, or the time is up: with every channel on a
+        # call, nothing moves until the first of them ends.
+        quiet = max(quiet_seconds, 1.5 * (TALK_SECONDS[1] + RING_SECONDS) * time_scale)
+        last_progress, last_seen, calls = time.time(), None, []
         while time.time() - started < max_seconds:
             calls = [c for c in requests.get(pbx + "/_sandbox/calls", timeout=60).json()
                      if c["direction"] == "OUTBOUND"]
             released = sum(1 for c in calls if c.get("released_at"))
             if len({c["phone"] for c in calls}) >= accepted and released == len(calls):
                 break
-            if released != last_seen:
-                last_seen, last_progress = released, time.time()
-            elif time.time() - last_progress > quiet_seconds:
+            if (len(calls), released) != last_seen:
+                last_seen, last_progress = (len(calls), released), time.time()
+            elif time.time() - last_progress > quiet:
                 break
             time.sleep(2)
         finished = time.time()

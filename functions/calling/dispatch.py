@@ -24,7 +24,8 @@ What starts a pass:
 - a fresh due callback, right after it joined (`dialer.process`): a free channel and operator go to the
   oldest waiting lead of that offer, which is this one when nobody waits;
 - a call's release (`released`, from the call tracker, after the lease and operator are freed): a dispatch
-  message on the callbacks queue with DelaySeconds = the offer's `wrap_up_seconds`. A message and not a
+  message on the callbacks queue with DelaySeconds = the offer's `wrap_up_seconds` less SLACK_SECONDS (the
+  pass waits out the last second itself). A message and not a
   pass in-process: the release runs inside the Beeline webhook, which must answer at once and cannot wait
   out the wrap-up, and the queue gives the pass its retries and its DLQ like any callback;
 - the safety net (`sweep`, every minute): when anything waits and a channel is free it sends a dispatch
@@ -82,9 +83,12 @@ def trigger(reason: str, offer_ids: list[int] | None = None, delay_seconds: int 
 
 def released(call: dict) -> None:
     """A call's channel and operator were just freed: dispatch when its operator's wrap-up is over. The
-    freed channel may serve any offer, so the pass looks at all of them."""
+    freed channel may serve any offer, so the pass looks at all of them. The message comes up to
+    SLACK_SECONDS before the wrap-up ends: the pass does its reads meanwhile and waits out the rest, so the
+    operator's next call starts when the wrap-up ends, not a pass's worth of requests after it."""
     offer = config.load().offer(call.get("offer_id"))
-    trigger("released", None, math.ceil(offer.wrap_up_seconds if offer else 0))
+    wrap_up = offer.wrap_up_seconds if offer else 0
+    trigger("released", None, max(0, math.ceil(wrap_up - SLACK_SECONDS)))
 
 
 def sweep(now: float | None = None) -> dict:

@@ -207,10 +207,6 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
                                 short_call=answered and talk < 60, settled_by=source)
     if call is None or call.get("effects_done"):
         return ended_now
-    if call.get("cost_rub") and not call.get("cost_counted"):
-        # The cost and its flag in one transaction; counted in the business month the call ended in.
-        spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])), call=call)
-        budget.cost_added(spend.month(times.parse(call["ended_at"])))  # owner alerts at 80%/100% (R-23)
     # Flags of the steps below that are not once-only by themselves, written together with effects_done
     # after every step: a crash in between repeats a step whose repeat is harmless (a second dispatch pass
     # finds nothing more to do; the recorder and the write-back are idempotent), never skips one.
@@ -224,6 +220,11 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
                               wrap_up_seconds=offer.wrap_up_seconds if offer else 0)
         if not call.get("dispatch_triggered") and _dispatch_waiting(call_id, call):
             done["dispatch_triggered"] = times.now_iso()
+    # After the capacity is handed on: the next dial waits out a wrap-up, long after this is counted.
+    if call.get("cost_rub") and not call.get("cost_counted"):
+        # The cost and its flag in one transaction; counted in the business month the call ended in.
+        spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])), call=call)
+        budget.cost_added(spend.month(times.parse(call["ended_at"])))  # owner alerts at 80%/100% (R-23)
     calls.log_ended(call["lead_id"], call["ended_at"], call_id)
     if call.get("direction") == "inbound":
         if call["outcome"] == "answered":

@@ -180,7 +180,7 @@ def _lead_states(aws: str, phones10: list[str]) -> dict[str, int]:
     return states
 
 
-def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time_scale: float = 0.02,
+def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time_scale: float = 0.2,
         wrap_up_seconds: int = 1, max_seconds: float = 420.0, quiet_seconds: float = 30.0) -> dict:
     ports = {"MOTO_PORT": free_port(), "SALESRENDER_SANDBOX_PORT": free_port(), "BEELINE_SANDBOX_PORT": free_port(),
              "CALLBRIDGE_PORT": free_port()}
@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leads", type=int, default=1000)
     parser.add_argument("--post-seconds", type=float, default=60)
     parser.add_argument("--operators", type=int, default=12)
-    parser.add_argument("--time-scale", type=float, default=0.02)
-    parser.add_argument("--max-seconds", type=float, default=420)
+    parser.add_argument("--time-scale", type=float, default=0.2)  # bench/run.py says why
+    parser.add_argument("--max-seconds", type=float, default=450)
     parser.add_argument("--out", default="burst.json", help="file name in build/bench/")
     args = parser.parse_args(argv)
     result = run(args.leads, args.post_seconds, args.operators, args.time_scale, max_seconds=args.max_seconds)

@@ -30,6 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
+# The burst's sandbox clock: 5 times faster than real calls (talk 12-36 s), so 12 operators serve about 0.46
+# calls/s. At 50 times (0.02) their capacity, 3.5 calls/s, needed about 190 DynamoDB requests/s for the calls
+# alone on top of the intake's, more than one moto process on two cores answers: the bench then measured the
+# machine. At 0.2 the intake of 1,000 leads is done in about four minutes and the rest of the run is a real
+# backlog (some 850 leads waiting) served at the operators' pace: what issue 9's throughput and idle gap mean.
+BURST_TIME_SCALE = 0.2
 # The steady run's sandbox clock: 5 times faster than real calls (talk 12-36 s), which the local stack on two
 # cores keeps up with, so its throughput and idle gaps are the dispatch's and not the machine's.
 STEADY_TIME_SCALE = 0.2
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leads", type=int, default=1000)
     parser.add_argument("--post-seconds", type=float, default=60)
-    parser.add_argument("--burst-seconds", type=float, default=300, help="longest wait for the burst's calls")
-    parser.add_argument("--time-scale", type=float, default=0.02, help="the burst's sandbox clock")
+    parser.add_argument("--burst-seconds", type=float, default=450, help="longest wait for the burst's calls")
+    parser.add_argument("--time-scale", type=float, default=BURST_TIME_SCALE, help="the burst's sandbox clock")
     parser.add_argument("--steady-leads", type=int, default=60, help="leads of the steady run (0: none)")
     parser.add_argument("--steady-time-scale", type=float, default=STEADY_TIME_SCALE)
     parser.add_argument("--trials", type=int, default=2, help="cold starts of each kind")

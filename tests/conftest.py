@@ -201,6 +201,25 @@ def use_config(monkeypatch, tmp_path):
     return apply
 
 
+@pytest.fixture
+def dynamodb_requests(aws):
+    """Every DynamoDB request as it goes out, the idempotency layer's too: (operation, its item's pk or None)."""
+    from functions.core import resources
+
+    sent = []
+
+    def capture(params, model, **_):
+        pk = (params.get("Key") or params.get("Item") or {}).get("pk")
+        sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
+
+    clients = (resources.table().meta.client, resources.client("dynamodb"))
+    for dynamodb in clients:
+        dynamodb.meta.events.register("provide-client-params.dynamodb", capture)
+    yield sent
+    for dynamodb in clients:
+        dynamodb.meta.events.unregister("provide-client-params.dynamodb", capture)
+
+
 _REAL_ENVIRON = os.environ
 
 

@@ -29,20 +29,6 @@ def webhook_secret(monkeypatch):
 
 
 @pytest.fixture
-def dynamodb_requests(aws):
-    """Every DynamoDB request as it goes out: (operation, its item's pk or None)."""
-    sent = []
-
-    def capture(params, model, **_):
-        pk = (params.get("Key") or params.get("Item") or {}).get("pk")
-        sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
-
-    for dynamodb in (resources.table().meta.client, resources.client("dynamodb")):
-        dynamodb.meta.events.register("provide-client-params.dynamodb", capture)
-    return sent
-
-
-@pytest.fixture
 def now_callbacks(monkeypatch):
     monkeypatch.setenv("CALLBACK_DELAY_SECONDS", "0")
 

@@ -34,20 +34,6 @@ def sent(aws):
 
 
 @pytest.fixture
-def dynamodb_requests(aws):
-    """Every DynamoDB request as it goes out, the idempotency layer's too: (operation, its item's pk or None)."""
-    sent = []
-
-    def capture(params, model, **_):
-        pk = (params.get("Key") or params.get("Item") or {}).get("pk")
-        sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
-
-    for dynamodb in (resources.table().meta.client, resources.client("dynamodb")):
-        dynamodb.meta.events.register("provide-client-params.dynamodb", capture)
-    return sent
-
-
-@pytest.fixture
 def no_backoff(monkeypatch):
     """Failed messages come back at once instead of after 30 s+, so a test can redeliver them."""
     monkeypatch.setattr(queues, "backoff_seconds", lambda receive_count: 0)

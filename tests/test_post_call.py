@@ -286,21 +286,6 @@ def test_write_back_puts_the_call_line_on_the_order_idempotently(env):
     assert len(update_orders(env["crm"])) == 2
 
 
-@pytest.fixture
-def dynamodb_requests(aws):
-    """Every DynamoDB request as it goes out: (operation, its item's pk or None)."""
-    sent = []
-
-    def capture(params, model, **_):
-        pk = (params.get("Key") or params.get("Item") or {}).get("pk")
-        sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
-
-    events = resources.table().meta.client.meta.events
-    events.register("provide-client-params.dynamodb", capture)
-    yield sent
-    events.unregister("provide-client-params.dynamodb", capture)
-
-
 def test_the_write_back_job_reads_its_call_once_for_the_cdr_check_and_the_write_back(env, dynamodb_requests):
     """Issue 9: the job's call read once and handed to both steps; calls.ended_of_lead reads it once more with
     the lead's history. Six requests: that, the plugin check, the lead, the history query, written_back_at."""

@@ -203,21 +203,25 @@ def use_config(monkeypatch, tmp_path):
 
 @pytest.fixture
 def dynamodb_requests(aws):
-    """Every DynamoDB request as it goes out, the idempotency layer's too: (operation, its item's pk or None)."""
+    """Every DynamoDB request as it goes out, the idempotency layer's too: (operation, its item's pk, or a
+    Query's partition: its key condition's first value, or None). Taken after boto3 has turned the table
+    resource's conditions into expressions (registered after them, on the same event)."""
     from functions.core import resources
 
     sent = []
 
     def capture(params, model, **_):
         pk = (params.get("Key") or params.get("Item") or {}).get("pk")
+        if model.name == "Query":
+            pk = next(iter((params.get("ExpressionAttributeValues") or {}).values()), None)
         sent.append((model.name, pk.get("S") if isinstance(pk, dict) else pk))
 
     clients = (resources.table().meta.client, resources.client("dynamodb"))
     for dynamodb in clients:
-        dynamodb.meta.events.register("provide-client-params.dynamodb", capture)
+        dynamodb.meta.events.register("before-parameter-build.dynamodb", capture)
     yield sent
     for dynamodb in clients:
-        dynamodb.meta.events.unregister("provide-client-params.dynamodb", capture)
+        dynamodb.meta.events.unregister("before-parameter-build.dynamodb", capture)
 
 
 _REAL_ENVIRON = os.environ

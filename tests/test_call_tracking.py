@@ -52,6 +52,10 @@ def place_call(stack, phone="+79991115555", n=0):
     return lead_id, calls.call_id_for(lead_id, 1), stack["sink"].bodies[before:]
 
 
+def _bound(ext: str) -> str | None:
+    return call_events.track(ext)[0]
+
+
 def post_event(client, body: bytes, secret=SECRET):
     return client.http.post(f"/webhooks/beeline/{secret}", body=body,
                             headers={"Content-Type": "application/xml; charset=UTF-8"})
@@ -75,6 +79,20 @@ def test_answered_call_is_tracked_to_its_end(stack):
     assert "busy_call" not in (store.get({"pk": "OPERATORS", "sk": "200"}) or {})
     [job] = [json.loads(m["Body"]) for m in receive("recordings")]
     assert job == {"job": "recording", "call_id": call_id}
+
+
+def test_an_event_reads_its_call_binding_and_legs_once_and_the_end_reads_the_call_once(stack, dynamodb_requests):
+    """Issue 9: each event is one Query of its call's partition (binding and legs together); the end's
+    consequences use the call as the finish left it."""
+    _, call_id, events = place_call(stack)
+    dynamodb_requests.clear()
+    for body in events:
+        assert post_event(stack["client"], body).status_code == 200
+    tracks = [op for op, pk in dynamodb_requests if (pk or "").startswith("TRACK#")]
+    assert tracks.count("Query") == len(events) and "GetItem" not in tracks
+    # The first event's look for its call, and the finish's own read (the rest use what these returned).
+    assert [op for op, pk in dynamodb_requests if pk == f"CALL#{call_id}"].count("GetItem") == 2
+    assert calls.get(call_id)["state"] == "ended"
 
 
 @pytest.mark.parametrize("phone,outcome", [("+79991115501", "busy"), ("+79991115502", "no_answer"),
@@ -151,7 +169,7 @@ def test_any_order_and_duplication_of_events_ends_the_same(stack, phone):
             assert call.get(key) == reference.get(key), key
         assert spend.spent() - spent_before == pytest.approx(reference["cost_rub"] or 0)
         assert len(receive_all_jobs()) - sent_before == 1
-        assert call_events.bound_call(ext) == call_id
+        assert _bound(ext) == call_id
 
     check()
 
@@ -264,7 +282,7 @@ def test_inbound_call_from_an_unknown_number_creates_a_lead_and_an_order(client,
     release = _event("CallReleasedEvent", "Terminator", "Released", ext="88000001:1", remote="tel:+79997770011",
                      redirect="tel:+74951234567", answer=True, release=True)
     assert post_event(client, release).status_code == 200
-    call = calls.get(call_events.bound_call("88000001:1"))
+    call = calls.get(_bound("88000001:1"))
     assert call["direction"] == "inbound" and call["outcome"] == "answered" and call["talk_seconds"] == 40
     assert leads.get(lead["lead_id"])["called_by_person_at"]  # the dialer will not call them back
 
@@ -274,7 +292,7 @@ def test_inbound_call_from_a_known_number_attaches_to_its_lead(stack):
     ring = _event("CallReceivedEvent", "Terminator", "Alerting", ext="88000002:1", remote="tel:+79991115566",
                   redirect="tel:+74951234568")
     assert post_event(stack["client"], ring).status_code == 200
-    call = calls.get(call_events.bound_call("88000002:1"))
+    call = calls.get(_bound("88000002:1"))
     assert call["lead_id"] == lead_id
     assert receive("intake") == []  # no second lead, no second order
 
@@ -282,7 +300,7 @@ def test_inbound_call_from_a_known_number_attaches_to_its_lead(stack):
 def test_events_for_no_known_call_are_kept_not_failed(client, pbx):
     body = _event("CallOriginatedEvent", "Click-to-Dial", "Alerting", ext="99000001:1", target="nobody@x")
     assert post_event(client, body).status_code == 200
-    assert call_events.bound_call("99000001:1") is None
+    assert _bound("99000001:1") is None
 
 
 def test_a_failure_after_storing_is_acknowledged_and_healed_by_the_next_event(stack, monkeypatch):

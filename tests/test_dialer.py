@@ -57,6 +57,18 @@ def test_due_callback_originates_one_call_to_the_first_operator(stack):
     assert leads.get(lead_id)["attempts"] == 1
 
 
+def test_a_callback_dialled_at_once_reads_its_lead_and_call_once(stack, dynamodb_requests):
+    """Issue 9: the delivery that joins the waiting list and is dialled by its own pass reuses the lead and the
+    call it has just read and checked; the claim takes that lead too."""
+    lead_id = new_lead(stack)
+    call_id = calls.call_id_for(lead_id, 1)
+    dynamodb_requests.clear()
+    assert deliver("callbacks", "callback_worker") == [True]
+    assert len(originates(stack["pbx"])) == 1
+    assert [op for op, pk in dynamodb_requests if pk == f"LEAD#{lead_id}"].count("GetItem") == 1
+    assert [op for op, pk in dynamodb_requests if pk == f"CALL#{call_id}"].count("GetItem") == 1
+
+
 def test_round_robin_alternates_operators_and_skips_busy_ones(stack):
     for n in range(3):
         new_lead(stack, n)

@@ -166,7 +166,7 @@ def test_a_call_to_a_support_line_creates_nothing(webhook, beeline_sandbox, know
     release = event("CallReleasedEvent", "Terminator", "Released", "88100001:1", remote=f"tel:{caller}",
                     redirect="tel:+74957770000", answer_ms=START_MS, release_ms=START_MS + 90_000)
     assert webhook(ring) == 200 and webhook(release) == 200
-    assert call_events.bound_call("88100001:1") is None
+    assert call_events.track("88100001:1")[0] is None
     assert [i for i in resources.table().scan()["Items"] if i["pk"].startswith(("CALL#", "LEAD#", "OPENCALLS"))
             and i["pk"] != "LEAD#known-lead"] == []
     assert receive("intake") == []
@@ -204,7 +204,7 @@ def test_an_inbound_lead_cut_short_is_finished_by_the_next_event(webhook, beelin
         lead = leads.latest_by_phone(caller)
         assert lead["source"] == "inbound_call" and lead["offer_id"] == 101
         assert [json.loads(m["Body"]) for m in receive("intake")] == [{"lead_id": lead["lead_id"]}], name
-        call = calls.get(call_events.bound_call(ext))
+        call = calls.get(call_events.track(ext)[0])
         assert call["lead_id"] == lead["lead_id"] and call["outcome"] == "no_answer"
 
 

@@ -65,10 +65,6 @@ def bind(ext: str, call_id: str, target_id: str = "") -> str:
     return call_id
 
 
-def bound_call(ext: str) -> str | None:
-    return (store.get({"pk": _track(ext), "sk": "CALL"}) or {}).get("call_id")
-
-
 def mark_seen(event_id: str, event_type: str) -> bool:
     """Once per eventID for events that belong to no call; True for the first copy."""
     return store.put_new({"pk": f"XSIEVENT#{event_id}", "sk": "EVENT"},

@@ -13,15 +13,15 @@ configured with (.chalice/config.json):
   PUT is priced as Standard-IA's, an upper bound for the few other objects;
 - API Gateway REST APIs: $3.50 per million requests.
 
-Counting rules (what moto counts is requests, not capacity units): each PutItem, UpdateItem, DeleteItem
-is 1 WRU (items up to 1 KB; the lead item with its raw copy of the post may take 2-3), each write inside
-TransactWriteItems 2 WRU (counted as 2 items per transaction), each GetItem/Query 1 RRU (strongly
-consistent, up to 4 KB). SQS: every request but ReceiveMessage as counted, plus one ReceiveMessage per
-delivered message (Lambda's event source hands each message over once per delivery; the local runner's
-empty long polls are not Lambda's). Lambda durations are the local ones (moto and the sandboxes on a
-shared machine answer slower than AWS does): an upper bound. Fixed monthly costs (schedules, the event
-sources' empty long polls) are listed apart, because they do not grow with leads. CloudWatch Logs
-($0.50 per GB ingested) and alarms are not counted here.
+Counting rules: DynamoDB is priced from the capacity units the local moto server metered as DynamoDB bills
+them (infra/local/moto_capacity: 1 WRU per KB of the larger of the item before and after a write, 2 per KB for
+each item of a transaction, applied or cancelled, 1 more where an item enters the phone index; 1 RRU per 4 KB
+read, strongly consistent), not from request counts. SQS: every request but ReceiveMessage as counted, plus
+one ReceiveMessage per delivered message (Lambda's event source hands each message over once per delivery; the
+local runner's empty long polls are not Lambda's). Lambda durations are the local ones (moto and the sandboxes
+on a shared machine answer slower than AWS does): an upper bound. Fixed monthly costs (schedules, the event
+sources' empty long polls) are listed apart, because they do not grow with leads. CloudWatch Logs ($0.50 per
+GB ingested) and alarms are not counted here.
 
 The real-time schedule (talk times of 1-3 minutes at full length) is a projection from the per-lead
 counts of the steady run (bench/run.py: every lead called, at a clock the local stack keeps up with, so the
@@ -53,8 +53,6 @@ PRICES = {
 RECORDING_BYTES_PER_SECOND = 16_000
 RETENTION_DAYS = 30
 LAMBDA_GB = 0.25  # 256 MB
-WRITES = {"PutItem": 1, "UpdateItem": 1, "DeleteItem": 1, "TransactWriteItems": 4, "BatchWriteItem": 1}
-READS = {"GetItem": 1, "Query": 1, "Scan": 1, "BatchGetItem": 1, "TransactGetItems": 4}
 MONTH_SECONDS = 30 * 86400
 DEFAULT_SCHEDULE_SECONDS = 300  # rate(5 minutes), where app.py's own rate is not known
 # Lambda's SQS event source: about 5 long polls (20 s) in parallel per queue while it is idle.
@@ -82,9 +80,8 @@ def per_lead(burst: dict, realtime: bool = False) -> dict:
     sqs_ops = {op: n for op, n in aws.get("sqs", {}).items() if op != "ReceiveMessage"}
     # Each re-delivery is one re-send, one delivery and one delete.
     sqs_requests = sum(sqs_ops.values()) + delivered + 3 * added
-    dynamo = aws.get("dynamodb", {})
-    wru = sum(n * WRITES[op] for op, n in dynamo.items() if op in WRITES)
-    rru = sum(n * READS[op] for op, n in dynamo.items() if op in READS)
+    wru = sum(aws.get("dynamodb_wru", {}).values())
+    rru = sum(aws.get("dynamodb_rru", {}).values())
     # A re-delivery's DynamoDB requests: the mean of an invocation's (a rough share, stated).
     per_invocation = 1 / max(1, api_count + delivered)
     wru += added * wru * per_invocation

@@ -109,6 +109,8 @@ def rows(result: dict) -> list[tuple[str, object, str, object, str]]:
         ("provider requests per dial", st.get("dial_requests_per_dialled_lead"), "target", 3, "<= 1"),
         ("all provider requests per dialled lead", st["provider_requests_per_dialled_lead"], "", None, ""),
         ("DynamoDB requests per lead (steady run)", dynamo / leads, "", None, ""),
+        ("DynamoDB write units per lead (steady run)", sum(aws.get("dynamodb_wru", {}).values()) / leads, "", None, ""),
+        ("DynamoDB read units per lead (steady run)", sum(aws.get("dynamodb_rru", {}).values()) / leads, "", None, ""),
         ("SQS requests per lead (steady run, no empty polls)", sqs / leads, "", None, ""),
         ("AWS $ per 1,000 leads, burst", cost["burst"]["usd_per_1000_leads"]["total"], "target $", 0.10, "<= 1"),
         ("AWS $ per 1,000 leads, real time (projected)",

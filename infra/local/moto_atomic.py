@@ -23,7 +23,8 @@ message for a connection nobody reads, hiding it for the queue's visibility time
 closed its connection now gives up before it takes a message (`ClientGone`).
 
 Request counts: every request is counted by service and operation (`GET /_callbridge/requests`), so the
-bench can state DynamoDB and SQS requests per lead.
+bench can state DynamoDB and SQS requests per lead; the same answer carries DynamoDB's capacity units
+(infra/local/moto_capacity), which the bench prices.
 
 Access log: werkzeug's shows each request's path; the query is replaced by its names (a presigned S3
 link carries its signature there).
@@ -252,8 +253,11 @@ class RequestCounts:
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") == COUNTS_PATH:
+            from infra.local import moto_capacity
+
             with self._lock:
-                body = json.dumps(self.counts).encode()
+                units = {kind: ops for kind, ops in moto_capacity.snapshot().items() if ops}
+                body = json.dumps({**self.counts, **units}).encode()
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         service, operation = self._operation(environ)
@@ -393,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds queue URLs from it
 
+    from infra.local import moto_capacity, moto_speed, moto_transactions
+
+    moto_capacity.patch()  # capacity units as DynamoDB bills them, under the lock patch() puts around it
     patch()
-    from infra.local import moto_speed, moto_transactions
 
     moto_transactions.patch()  # a transaction's rollback copies its items, not the whole table (the burst's cost)
     moto_speed.patch()  # a Query reads its partition, not the whole table sorted (the burst's other cost)

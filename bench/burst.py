@@ -51,7 +51,7 @@ RING_SECONDS = 10.0  # the sandbox rings the operator, then the customer, 5 s ea
 # Lead states of a lead that was accepted but will never be called (every bench number is dialable, the budget
 # is unlimited and the hours are open): anything else not yet called is still on its way.
 LOST_STATES = ("missing", "failed", "done", "closed", "exhausted", "not_dialable", "do_not_call")
-_ACCESS = re.compile(r'"(GET|POST|PUT|DELETE) (\S+) HTTP/[0-9.]+" (\d{3}) \S+ ([0-9.]+)ms')
+_ACCESS = re.compile(r'"(GET|POST|PUT|DELETE) (\S+) HTTP/[0-9.]+" (\d{3}) \S+ ([0-9.]+)ms(?: cpu ([0-9.]+)ms)?')
 
 
 def free_port() -> int:
@@ -312,9 +312,11 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
 
     api = [m for m in (_ACCESS.search(line) for line in stack.lines[log_start:]) if m]
     api_by_route: dict[str, list[float]] = {}
+    api_cpu: dict[str, float] = {}
     for m in api:
         route = re.sub(r"^/webhooks/beeline/.*", "/webhooks/beeline/{secret}", m.group(2).split("?")[0])
         api_by_route.setdefault(f"{m.group(1)} {route}", []).append(float(m.group(4)))
+        api_cpu[f"{m.group(1)} {route}"] = api_cpu.get(f"{m.group(1)} {route}", 0.0) + float(m.group(5) or 0)
     runner = {}
     for line in stack.lines:
         if line.startswith('{"runner": "stopped"'):
@@ -343,7 +345,8 @@ def run(leads: int = 1000, post_seconds: float = 60.0, operators: int = 12, time
         "steady": {"calls": len(steady), "seconds": round(steady[-1] - steady[0], 1) if len(steady) > 1 else 0,
                    **_pace(steady, steady_gaps)},
         "requests": {"salesrender": crm_ops, "beeline": pbx_requests, "aws": moto},
-        "api": {route: {"count": len(v), "seconds": round(sum(v) / 1000, 3)} for route, v in api_by_route.items()},
+        "api": {route: {"count": len(v), "seconds": round(sum(v) / 1000, 3),
+                        "cpu_seconds": round(api_cpu.get(route, 0.0) / 1000, 3)} for route, v in api_by_route.items()},
         "invocations": runner,
     })
     provider = sum(crm_ops.values()) + sum(pbx_requests.values())

@@ -18,10 +18,11 @@ them (infra/local/moto_capacity: 1 WRU per KB of the larger of the item before a
 each item of a transaction, applied or cancelled, 1 more where an item enters the phone index; 1 RRU per 4 KB
 read, strongly consistent), not from request counts. SQS: every request but ReceiveMessage as counted, plus
 one ReceiveMessage per delivered message (Lambda's event source hands each message over once per delivery; the
-local runner's empty long polls are not Lambda's). Lambda durations are the local ones (moto and the sandboxes
-on a shared machine answer slower than AWS does): an upper bound. Fixed monthly costs (schedules, the event
-sources' empty long polls) are listed apart, because they do not grow with leads. CloudWatch Logs ($0.50 per
-GB ingested) and alarms are not counted here.
+local runner's empty long polls are not Lambda's). Lambda durations: the local wall time of each invocation
+with its CPU part (its thread's CPU time) stretched to the functions' share of a vCPU (LAMBDA_CPU_SLOWDOWN);
+the waiting part as measured, where moto and the sandboxes on a shared machine answer slower than AWS does.
+Fixed monthly costs (schedules, the event sources' empty long polls) are listed apart, because they do not
+grow with leads. CloudWatch Logs ($0.50 per GB ingested) and alarms are not counted here.
 
 The real-time schedule (talk times of 1-3 minutes at full length) is a projection from the per-lead
 counts of the steady run (bench/run.py: every lead called, at a clock the local stack keeps up with, so the
@@ -53,10 +54,21 @@ PRICES = {
 RECORDING_BYTES_PER_SECOND = 16_000
 RETENTION_DAYS = 30
 LAMBDA_GB = 0.25  # 256 MB
+# Lambda gives a function CPU in proportion to its memory, one vCPU at 1,769 MB: at 256 MB a request's CPU
+# work takes 1769 / 256 times as long as on the local run's full core (measured per thread, so other threads
+# and processes do not count).
+LAMBDA_CPU_SLOWDOWN = 1769 / 256
 MONTH_SECONDS = 30 * 86400
 DEFAULT_SCHEDULE_SECONDS = 300  # rate(5 minutes), where app.py's own rate is not known
 # Lambda's SQS event source: about 5 long polls (20 s) in parallel per queue while it is idle.
 IDLE_POLLS_PER_QUEUE_PER_MONTH = 5 * 3 * 60 * 24 * 30
+
+
+def billed_seconds(measured: dict) -> float:
+    """Lambda's duration of what the local run measured ({seconds, cpu_seconds}): the CPU part is
+    LAMBDA_CPU_SLOWDOWN times longer at the functions' memory, the waiting part as measured."""
+    cpu = min(measured.get("cpu_seconds", 0.0), measured["seconds"])
+    return measured["seconds"] - cpu + cpu * LAMBDA_CPU_SLOWDOWN
 
 
 def per_lead(burst: dict, realtime: bool = False) -> dict:
@@ -67,16 +79,17 @@ def per_lead(burst: dict, realtime: bool = False) -> dict:
     workers = {k: v for k, v in invocations.items() if k.endswith("_worker")}
     schedules = {k: v for k, v in invocations.items() if not k.endswith("_worker")}
     callback = next((v for k, v in workers.items() if k.endswith("callback_worker")), {"count": 0, "seconds": 0.0})
+    callback_billed = billed_seconds(callback)
     # Deliveries beyond one per lead (its first callback) and one per release (a dispatch trigger): re-sends of
     # waiting callbacks, on a timer (the 30 s re-send, the safety-net sweep), which real time multiplies.
     redeliveries = max(0, callback["count"] - burst["accepted"] - burst["called"])
     # Real time: the re-deliveries a timer made happen 1 / time_scale times as often (see the module docstring).
     added = redeliveries * (1 / burst["time_scale"] - 1) if realtime else 0.0
     api_count = sum(v["count"] for v in burst["api"].values())
-    api_seconds = sum(v["seconds"] for v in burst["api"].values())
+    api_seconds = sum(billed_seconds(v) for v in burst["api"].values())
     delivered = sum(v["count"] for v in workers.values())
-    seconds = api_seconds + sum(v["seconds"] for v in workers.values())
-    seconds += added * callback["seconds"] / max(1, callback["count"])
+    seconds = api_seconds + sum(billed_seconds(v) for v in workers.values())
+    seconds += added * callback_billed / max(1, callback["count"])
     sqs_ops = {op: n for op, n in aws.get("sqs", {}).items() if op != "ReceiveMessage"}
     # Each re-delivery is one re-send, one delivery and one delete.
     sqs_requests = sum(sqs_ops.values()) + delivered + 3 * added
@@ -103,7 +116,7 @@ def per_lead(burst: dict, realtime: bool = False) -> dict:
         "s3_gb_retrieved": s3.get("GET", 0) * recording_gb / leads,
         "callback_deliveries_per_called_lead": (callback["count"] + added) / max(1, burst["called"]),
         "provider_requests_per_dialled_lead": provider / max(1, burst["called"]),
-        "schedule_seconds_each": {k: v["seconds"] / max(1, v["count"]) for k, v in schedules.items()},
+        "schedule_seconds_each": {k: billed_seconds(v) / max(1, v["count"]) for k, v in schedules.items()},
     }
 
 

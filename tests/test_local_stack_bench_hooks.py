@@ -14,6 +14,7 @@ import io
 import json
 import time
 
+import pytest
 import requests
 
 from infra.local import moto_atomic
@@ -157,3 +158,31 @@ def test_a_stop_waits_for_the_invocation_in_progress_not_for_idle_polls(monkeypa
     release.set()
     assert r.wait_idle(10) is True
     assert queue.deleted == ["r1"]  # it finished, so it was deleted
+
+
+def test_the_runner_times_each_invocation_and_its_cpu_apart_from_its_waiting():
+    """The bench prices Lambda's CPU share apart from waiting (bench/cost.billed_seconds): the runner must tell
+    a handler that computes from one that waits on I/O."""
+    from bench import cost
+    from infra.local import runner
+
+    class Sqs:
+        def delete_message(self, **_):
+            pass
+
+    def computes(event, context):
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    def waits(event, context):
+        time.sleep(0.05)
+
+    recorded = {}
+    message = {"MessageId": "m", "ReceiptHandle": "r", "Body": "{}", "Attributes": {}, "MD5OfBody": ""}
+    for handler in (computes, waits):
+        assert runner.invoke(Sqs(), "url", "arn:aws:sqs:us-east-1:1:q", message, handler, handler.__name__,
+                             "us-east-1", record=lambda name, wall, cpu: recorded.__setitem__(name, (wall, cpu)))
+    assert recorded["computes"][1] > 0.8 * recorded["computes"][0]
+    assert recorded["waits"][1] < 0.2 * recorded["waits"][0]
+    assert cost.billed_seconds({"seconds": 1.0, "cpu_seconds": 0.1}) == pytest.approx(0.9 + 0.1 * 1769 / 256)

@@ -81,19 +81,20 @@ def sqs_event(message: dict, queue_arn: str, region: str) -> dict:
 def invoke(sqs, url: str, arn: str, message: dict, handler, function_name: str, region: str,
            record=None) -> bool:
     """Run the handler on one received message as Lambda would; delete it when the handler returns.
-    `record(function_name, seconds)` is told each invocation's duration (the bench's Lambda GB-s)."""
-    started = time.perf_counter()
+    `record(function_name, seconds, cpu_seconds)` is told each invocation's duration and this thread's CPU time
+    in it (the bench's Lambda GB-s)."""
+    started, cpu = time.perf_counter(), time.thread_time()
     try:
         handler(sqs_event(message, arn, region), LambdaContext(function_name))
     except Exception as exc:
         if record is not None:
-            record(function_name, time.perf_counter() - started)
+            record(function_name, time.perf_counter() - started, time.thread_time() - cpu)
         # As in Lambda: the record stays and returns after its visibility timeout.
         logger.warning("handler failed", extra={"function_name": function_name, "queue_url": url,
                                                 "error_type": type(exc).__name__})
         return False
     if record is not None:
-        record(function_name, time.perf_counter() - started)
+        record(function_name, time.perf_counter() - started, time.thread_time() - cpu)
     sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     return True
 
@@ -122,15 +123,16 @@ class Runner:
         self.region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         self.delivered = 0
         self._count_lock = threading.Lock()
-        self.invocations: dict[str, list[float]] = {}  # function name -> [count, seconds]
+        self.invocations: dict[str, list[float]] = {}  # function name -> [count, seconds, CPU seconds]
         self.running = 0  # invocations in progress (a stop waits for these, not for idle long polls)
         self._idle = threading.Condition(self._count_lock)
 
-    def record(self, function_name: str, seconds: float) -> None:
+    def record(self, function_name: str, seconds: float, cpu_seconds: float = 0.0) -> None:
         with self._count_lock:
-            entry = self.invocations.setdefault(function_name, [0, 0.0])
+            entry = self.invocations.setdefault(function_name, [0, 0.0, 0.0])
             entry[0] += 1
             entry[1] += seconds
+            entry[2] += cpu_seconds
 
     @staticmethod
     def function_name(handler_string: str) -> str:
@@ -209,10 +211,10 @@ class Runner:
 
     def run_schedule(self, name: str, handler_string: str, handler=None) -> None:
         handler = handler or self._handler(handler_string)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
             handler(schedule_event(name, self.region), LambdaContext(self.function_name(handler_string)))
-            self.record(self.function_name(handler_string), time.perf_counter() - started)
+            self.record(self.function_name(handler_string), time.perf_counter() - started, time.thread_time() - cpu)
         except Exception:
             logger.exception("scheduled handler failed",
                              extra={"function_name": self.function_name(handler_string), "schedule": name})
@@ -250,7 +252,8 @@ def main() -> int:
         if thread.name.startswith("schedule:"):
             thread.join(timeout=STOP_WAIT_SECONDS)  # a schedule run in progress; an idle one returns at once
     with runner._count_lock:
-        invocations = {name: {"count": n, "seconds": round(t, 3)} for name, (n, t) in runner.invocations.items()}
+        invocations = {name: {"count": n, "seconds": round(t, 3), "cpu_seconds": round(c, 3)}
+                       for name, (n, t, c) in runner.invocations.items()}
     # What the bench reads: Lambda invocations and their durations, as AWS would bill them.
     print(json.dumps({"runner": "stopped", "invocations": invocations}), flush=True)
     return 0

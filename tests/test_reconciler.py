@@ -133,10 +133,9 @@ def test_a_call_found_in_the_statistics_is_settled_from_them(aws, beeline_sandbo
     assert operator_free("200") and not operator_free("201") and channels.busy(PROVIDER, 5) == 1
     retries = [m for m in sent if m[0] == "callbacks" and "dispatch" not in m[1]]
     assert len(retries) == (0 if outcome == "answered" else 1)
-    # The freed channel and operator go to a waiting lead once the operator's wrap-up (15 s) is over: the
-    # pass comes a second early and waits out the rest itself.
+    # The freed channel and operator go to a waiting lead once the operator's wrap-up (15 s) is over.
     assert [m for m in sent if m[0] == "callbacks" and "dispatch" in m[1]] == [
-        ("callbacks", {"dispatch": "released"}, 14)]
+        ("callbacks", {"dispatch": "released"}, 15)]
 
 
 def test_a_recent_call_is_left_alone(aws):

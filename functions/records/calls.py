@@ -115,18 +115,21 @@ def progress(call_id: str, **changes) -> dict | bool:
                         names={"#state": "state"}, values={":ended": "ended"}, return_new=True)
 
 
-def finish(call_id: str, outcome: str, **changes) -> bool:
+def finish(call_id: str, outcome: str, *, month_add: dict | None = None, **changes) -> bool:
     """Mark the call ended with its outcome, once: a second finish (duplicate events) is False. The same
-    transaction adds the call's outcome to its day's counters and puts it on the recent-calls feed."""
-    return end(call_id, outcome, **changes)[0]
+    transaction adds the call's outcome to its day's counters and, given `month_add` (spend.tx_add of its
+    `cost_rub`), counts that cost: the call's `cost_counted`, the day's `cost_rub`, the month's spend. The
+    call then goes on the recent-calls feed (records/daily.put_recent)."""
+    return end(call_id, outcome, month_add=month_add, **changes)[0]
 
 
-def end(call_id: str, outcome: str, **changes) -> tuple[bool, dict | None]:
+def end(call_id: str, outcome: str, *, month_add: dict | None = None, **changes) -> tuple[bool, dict | None]:
     """`finish`, and the call as it is afterwards (None when there is none), so that the caller running the
     ended call's consequences needs no read of its own."""
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
     fields = {**changes, "state": "ended", "outcome": outcome, "ended_at": changes.get("ended_at") or times.now_iso()}
+    cost = round(float(fields.get("cost_rub") or 0), 2)
     for _ in range(3):  # the counts are computed from a read: a change since then means read again
         call = get(call_id)
         if call is None or call.get("state") == "ended":
@@ -136,21 +139,37 @@ def end(call_id: str, outcome: str, **changes) -> tuple[bool, dict | None]:
             ended = store.update(_key(call_id), fields, condition="attribute_exists(pk) AND #state <> :ended",
                                  names={"#state": "state"}, values={":ended": "ended"}, return_new=True)
             return (True, ended) if ended else (False, get(call_id))
-        ended = {**call, **fields, "call_id": call_id}
+        # The cost rides on this transaction unless something counted it already (spend.add_call_cost).
+        counts_cost = month_add is not None and cost > 0 and not call.get("cost_counted")
+        written = {**fields, "cost_counted": times.now_iso()} if counts_cost else fields
+        ended = {**call, **written, "call_id": call_id}
         day, adds = _finish_counts(offer_id, ended)
         values = {":ended": "ended"}
         if call.get("counted_day"):
             same_claim, values[":day"] = "#day = :day", call["counted_day"]
         else:
             same_claim = "attribute_not_exists(#day)"
-        fact = daily.tx_update(_key(call_id), fields,
-                               condition=f"attribute_exists(pk) AND #state <> :ended AND {same_claim}",
-                               names={"#state": "state", "#day": "counted_day"}, values=values)
-        feed = daily.tx_recent(ended, retention.ttl())
-        if not daily.write(fact, daily.tx_count(offer_id, day, adds), also=feed, also_put=True):
+        condition = f"attribute_exists(pk) AND #state <> :ended AND {same_claim}"
+        if counts_cost:  # counted meanwhile: the condition fails and the next read sees the flag
+            condition += " AND attribute_not_exists(#cost)"
+            adds["cost_rub"] = cost  # the same day add_call_cost would use: the claim's, else dialled/created
+        fact = daily.tx_update(_key(call_id), written, condition=condition,
+                               names={"#state": "state", "#day": "counted_day",
+                                      **({"#cost": "cost_counted"} if counts_cost else {})}, values=values)
+        if not daily.write(fact, daily.tx_count(offer_id, day, adds), also=month_add if counts_cost else None):
+            # After the finish: a crash before this put is repaired by tracker.finalize (effects_done unset).
+            daily.put_recent(ended, retention.ttl())
             daily.trim_recent(call_id)
             return True, ended  # what a read would return now
     return False, get(call_id)
+
+
+def list_recent(call_id: str, call: dict) -> None:
+    """Put an ended call on the recent-calls feed again (a repair after a crash that may have come between
+    its finish and the feed put); the same item each time. Only calls the finish lists: an offer's calls."""
+    offer_id = call.get("offer_id")
+    if isinstance(offer_id, int) and not isinstance(offer_id, bool) and call.get("outcome") in OUTCOMES:
+        daily.put_recent({**call, "call_id": call_id}, retention.ttl())
 
 
 def _finish_counts(offer_id: int, call: dict) -> tuple[str, dict]:

@@ -11,7 +11,7 @@ fact:
 | `leads`, `leads_<source>` | the lead's conditional create | records/leads.create |
 | `calls`, speed-to-lead sample | the call's claim (an un-claim takes both back) | records/calls.claim / unclaim |
 | `answered`, `talk_seconds`, `calls_over_60s`, `outcome_<o>`, `inbound_*` | the call's finish | records/calls.finish |
-| `cost_rub` | the call's `cost_counted` flag (with the month's spend) | records/spend.add_call_cost |
+| `cost_rub` | the call's `cost_counted` flag (with the month's spend) | records/calls.finish, or spend.add_call_cost |
 | `approved`, `revenue_rub` | a once-marker per order, APPROVED#<order_id> | `order_approved` here |
 | `adspend_rub` | set, not added (`set_adspend`, PUT /v1/adspend) | here |
 
@@ -26,10 +26,13 @@ works on top-level attributes only): 1 s buckets below 10 min, 10 s below an hou
 add up across days and offers. The sample is taken once per lead, at the claim of its first call (a
 marker `first_dialled_call` on the lead in the same transaction).
 
-The recent-calls feed (RECENT#CALLS, sk <ended_at>#<call_id>) gets one item per finished call in the
-finish transaction, is read newest first with a bounded Query (at most RECENT_CAP items), and is trimmed
-back to RECENT_CAP by one finish in TRIM_EVERY: a trim reads RECENT_CAP items and more, so trimming on
-every finish would cost more than the finish itself, and the few items above the cap are never read.
+The recent-calls feed (RECENT#CALLS, sk <ended_at>#<call_id>) gets one item per finished call, a plain
+put right after the finish transaction (half the capacity of a transaction item; the same key every
+time, so a repeat is harmless): a crash in between is repaired by the tracker's next `finalize`, which
+puts it again before the call's `effects_done`. The feed is read newest first with a bounded Query (at
+most RECENT_CAP items), and is trimmed back to RECENT_CAP by one finish in TRIM_EVERY: a trim reads
+RECENT_CAP items and more, so trimming on every finish would cost more than the finish itself, and the
+few items above the cap are never read.
 
 DynamoDB cancels a transaction that meets another one on the same item (TransactionConflict, not
 retried by botocore): the hot day item makes that possible, so a cancelled transaction is tried again
@@ -321,14 +324,15 @@ def days(offer_id: int, from_day, to_day) -> dict[str, dict]:
 
 # --- the recent-calls feed ---------------------------------------------------------------------------------
 
-def tx_recent(call: dict, ttl: int) -> dict:
-    """The feed item of a call that has just ended (`call` with its final fields), for calls.finish."""
+def put_recent(call: dict, ttl: int) -> None:
+    """Put an ended call (`call` with its final fields and call_id) on the feed; the key is the call's
+    (ended_at, call_id), so putting it again (calls.finish, then a repairing tracker.finalize) changes nothing."""
     ended_at = str(call.get("ended_at") or times.now_iso())
     item = {"call_id": call["call_id"], "lead_id": call.get("lead_id"), "offer_id": call.get("offer_id"),
             "started_at": call.get("dialing_at") or call.get("created_at") or ended_at, "ended_at": ended_at,
             "outcome": call.get("outcome"), "talk_seconds": int(call.get("talk_seconds") or 0),
             "phone": call.get("phone"), "direction": call.get("direction") or "outbound", "ttl": ttl}
-    return tx_put({"pk": RECENT_PK, "sk": f"{ended_at}#{call['call_id']}"}, item)
+    resources.table().put_item(Item={"pk": RECENT_PK, "sk": f"{ended_at}#{call['call_id']}", **store.to_dynamo(item)})
 
 
 def recent_calls(limit: int = 20) -> list[dict]:

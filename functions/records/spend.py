@@ -2,7 +2,9 @@
 
 The month is the business's: the calendar month in `budget.timezone` (Moscow by default), so a call at
 01:00 Moscow on the 1st counts in the new month although it is still the old one in UTC.
-The call tracker adds each call's cost once (`add_call_cost`); calling/budget.py checks it before every call.
+Each call's cost is added once: by the call's finish when the finish knows it (records/calls.end, the
+cost_counted flag in the same transaction), else by `add_call_cost`; calling/budget.py checks it before
+every call.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ def add(rub: float, yyyy_mm: str | None = None) -> float:
     return float(item["rub"])
 
 
+def tx_add(rub: float, yyyy_mm: str) -> dict:
+    """The TransactWriteItems `Update` that adds one call's cost to the month, for a transaction that also
+    marks the call `cost_counted` (here, or the call's finish in records/calls.end)."""
+    from boto3.dynamodb.types import TypeSerializer
+
+    typed = TypeSerializer().serialize
+    return {
+        "TableName": resources.table_name(), "Key": {k: typed(v) for k, v in _key(yyyy_mm).items()},
+        "UpdateExpression": "ADD #rub :rub, #calls :one",
+        "ExpressionAttributeNames": {"#rub": "rub", "#calls": "calls"},
+        "ExpressionAttributeValues": {":rub": typed(store.to_dynamo(round(rub, 2))), ":one": typed(1)},
+    }
+
+
 def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None, call: dict | None = None) -> bool:
     """Add a call's cost to the month and mark the call `cost_counted`, in one transaction: both or
     neither, so a crash never loses the cost and a retry (also after a lost answer) never counts it
@@ -46,15 +62,9 @@ def add_call_cost(call_id: str, rub: float, yyyy_mm: str | None = None, call: di
     from botocore.exceptions import ClientError
 
     typed = TypeSerializer().serialize
-    table = resources.table_name()
-    spend_update = {
-        "TableName": table, "Key": {k: typed(v) for k, v in _key(yyyy_mm or month()).items()},
-        "UpdateExpression": "ADD #rub :rub, #calls :one",
-        "ExpressionAttributeNames": {"#rub": "rub", "#calls": "calls"},
-        "ExpressionAttributeValues": {":rub": typed(store.to_dynamo(round(rub, 2))), ":one": typed(1)},
-    }
+    spend_update = tx_add(rub, yyyy_mm or month())
     flag_update = {
-        "TableName": table, "Key": {k: typed(v) for k, v in calls.key(call_id).items()},
+        "TableName": resources.table_name(), "Key": {k: typed(v) for k, v in calls.key(call_id).items()},
         "UpdateExpression": "SET #flag = :at",
         "ConditionExpression": "attribute_exists(pk) AND attribute_not_exists(#flag)",
         "ExpressionAttributeNames": {"#flag": "cost_counted"},

@@ -9,10 +9,10 @@ reconciler. A call ends when its decisive release is seen:
 - the operator leg (Click-to-Dial) released without an answer: operator missed (failed on a server
   failure); with an answer, the customer leg decides;
 - an inbound leg (Terminator): answered, or missed (no_answer).
-`finalize` then runs the side effects once each: cost to the month's spend, the channel lease and
-operator freed (the operator for a new call only after the offer's wrap-up time), a dispatch of the leads
-waiting for that capacity (calling/dispatch.py), the call log line, the dialer's retry policy, and the
-post-call job (recording or write-back) on the recordings queue.
+`finalize` then runs the side effects once each: cost to the month's spend (counted in the finish's own
+transaction, calls.end), the channel lease and operator freed (the operator for a new call only after the
+offer's wrap-up time), a dispatch of the leads waiting for that capacity (calling/dispatch.py), the call log
+line, the dialer's retry policy, and the post-call job (recording or write-back) on the recordings queue.
 
 Which of our calls an extTrackingId belongs to: the operator abonent named by the event's targetId
 is reserved for exactly one callbridge call while it rings (functions/calling/operators.py), so the first
@@ -170,10 +170,18 @@ def refresh(call_id: str, ext: str, legs: list[CallData] | None = None) -> str:
     return derived.state
 
 
-def keep_alive(call_id: str, call: dict) -> None:
+def keep_alive(call_id: str, call: dict, now: float | None = None) -> None:
     """A call still talking keeps its channel lease and its operator for another lease period: run on
     every event and on the reconciler's pass (every 5 min), so a 40-minute call that sends no event after
-    its answer never outlives its 20-minute lease."""
+    its answer never outlives its 20-minute lease. While the call is younger than a third of a lease
+    period (from `dialing_at`, set at the claim right after both were taken for a full period) both still
+    have two thirds of it left and are not written (2 WRU a talking event): the reconciler's first pass
+    past that (7 to 12 minutes after dialling with a 20-minute lease) extends them, and one failed pass
+    still leaves the next in time."""
+    dialled = times.parse(call.get("dialing_at"))
+    now = time.time() if now is None else now
+    if dialled is not None and now - dialled.timestamp() < channels.lease_seconds() / 3:
+        return
     if call.get("channel_slot") is not None:
         channels.extend(call["provider"], int(call["channel_slot"]), call.get("holder") or call_id,
                         channels.lease_seconds())
@@ -202,11 +210,16 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
     answered = outcome == "answered"
     talk = int(talk_seconds) if answered else 0
     cost = math.ceil(talk / 60) * cfg.tariff_rub_per_minute if talk else 0.0
-    ended_now, call = calls.end(call_id, outcome, answered_at=answered_at if answered else None,
-                                ended_at=ended_at or times.now_iso(), talk_seconds=talk, cost_rub=round(cost, 2),
+    ended_at = ended_at or times.now_iso()
+    # The cost is counted in the finish's own transaction, in the business month the call ended in.
+    month_add = spend.tx_add(round(cost, 2), spend.month(times.parse(ended_at))) if cost > 0 else None
+    ended_now, call = calls.end(call_id, outcome, month_add=month_add, answered_at=answered_at if answered else None,
+                                ended_at=ended_at, talk_seconds=talk, cost_rub=round(cost, 2),
                                 short_call=answered and talk < 60, settled_by=source)
     if call is None or call.get("effects_done"):
         return ended_now
+    if not ended_now:  # an earlier run may have stopped between the finish and its feed put: the same item again
+        calls.list_recent(call_id, call)
     # Flags of the steps below that are not once-only by themselves, written together with effects_done
     # after every step: a crash in between repeats a step whose repeat is harmless (a second dispatch pass
     # finds nothing more to do; the recorder and the write-back are idempotent), never skips one.
@@ -220,11 +233,15 @@ def finalize(call_id: str, outcome: str, *, answered_at: str | None = None, ende
                               wrap_up_seconds=offer.wrap_up_seconds if offer else 0)
         if not call.get("dispatch_triggered") and _dispatch_waiting(call_id, call):
             done["dispatch_triggered"] = times.now_iso()
-    # After the capacity is handed on: the next dial waits out a wrap-up, long after this is counted.
-    if call.get("cost_rub") and not call.get("cost_counted"):
-        # The cost and its flag in one transaction; counted in the business month the call ended in.
-        spend.add_call_cost(call_id, float(call["cost_rub"]), spend.month(times.parse(call["ended_at"])), call=call)
-        budget.cost_added(spend.month(times.parse(call["ended_at"])))  # owner alerts at 80%/100% (R-23)
+    # A cost the finish did not count (it knew none) is counted here, after the capacity is handed on: the
+    # next dial waits out a wrap-up, long after this is counted.
+    if call.get("cost_rub"):
+        month = spend.month(times.parse(call["ended_at"]))  # the business month the call ended in
+        if not call.get("cost_counted"):  # the finish counts a cost it knows; one counted later comes here
+            spend.add_call_cost(call_id, float(call["cost_rub"]), month, call=call)  # with its flag, once
+        # Owner alerts at 80%/100% (R-23), once per threshold (alerts.py): also on a run repairing one cut
+        # short after the cost was counted, which effects_done (written after this) tells apart.
+        budget.cost_added(month)
     calls.log_ended(call["lead_id"], call["ended_at"], call_id)
     if call.get("direction") == "inbound":
         if call["outcome"] == "answered":

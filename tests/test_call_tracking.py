@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from urllib.parse import urlencode
 
@@ -312,3 +313,69 @@ def test_a_failure_after_storing_is_acknowledged_and_healed_by_the_next_event(st
     assert calls.get(call_id)["state"] != "ended"
     post_event(stack["client"], events[0])
     assert calls.get(call_id)["outcome"] == "answered"
+
+
+# --- an originate whose answer names the call: bound in the call's one write --------------------------------
+
+def _dial_due_lead(stack, phone: str, n: int) -> tuple[str, str]:
+    body = urlencode({"Name": "Анна", "Phone": phone, "tranid": f"ct:{n}:{phone}", "formid": "form493249737"})
+    assert stack["client"].http.post("/webhooks/tilda", body=body,
+                                     headers={"Content-Type": FORM, "X-Api-Key": TILDA_KEY}).status_code == 200
+    assert deliver("intake", "intake_worker") == [True]
+    lead_id = leads.lead_id_for("tilda", f"tranid:ct:{n}:{phone}")
+    return lead_id, calls.call_id_for(lead_id, 1)
+
+
+def test_an_originate_that_returns_its_ext_tracking_id_costs_one_call_update_and_binds(stack, dynamodb_requests,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(stack["pbx"], "originate_body", "text")  # Beeline's answer: the extTrackingId
+    _, call_id = _dial_due_lead(stack, "+79991115601", 60)
+    before = len(stack["sink"].bodies)
+    dynamodb_requests.clear()
+    assert deliver("callbacks", "callback_worker") == [True]
+    dialling = list(dynamodb_requests)
+    call = calls.get(call_id)
+    ext = call["ext_tracking_id"]
+    assert call["originate_response"] == ext and call["originated_at"]
+    assert _bound(ext) == call_id
+    # The claim is a transaction; after the originate, one UpdateItem says both "originated" and "bound".
+    assert [op for op, pk in dialling if pk == f"CALL#{call_id}"].count("UpdateItem") == 1
+    assert [op for op, pk in dialling if pk == f"TRACK#{ext}"] == ["PutItem"]
+    assert stack["pbx"].wait_idle(10)
+    for body in stack["sink"].bodies[before:]:
+        assert post_event(stack["client"], body).status_code == 200
+    assert calls.get(call_id)["state"] == "ended" and calls.get(call_id)["ext_tracking_id"] == ext
+
+
+def test_events_that_bind_the_call_before_the_originate_answers_keep_their_binding(stack, monkeypatch):
+    """The call events may come before the originate's answer: they bind the call through its operator; the
+    dialer's own binding then loses, and the call still gets its originated_at, bound to nothing else."""
+    monkeypatch.setattr(stack["pbx"], "originate_body", "text")
+    _, call_id = _dial_due_lead(stack, "+79991115602", 61)
+    before = len(stack["sink"].bodies)
+    real_originate = beeline.BeelineClient.originate
+    first_event = []
+
+    def events_first(self, pattern, digits):
+        answer = real_originate(self, pattern, digits)
+        deadline = time.monotonic() + 5
+        while len(stack["sink"].bodies) <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first_event.append(stack["sink"].bodies[before])
+        assert post_event(stack["client"], first_event[0]).status_code == 200  # while the dialer waits
+        return answer
+
+    monkeypatch.setattr(beeline.BeelineClient, "originate", events_first)
+    assert deliver("callbacks", "callback_worker") == [True]
+    call = calls.get(call_id)
+    ext = call["originate_response"]
+    assert call["ext_tracking_id"] == ext and call["operator"] == "200" and call["originated_at"]
+    assert call.get("target_id")  # written by the events' binding (through the operator), not the dialer's
+    assert _bound(ext) == call_id and call["state"] == "ringing"  # the event's state, not undone
+    # A later binding of that id (to any call) changes nothing: the first one wins.
+    assert call_events.bind(ext, str(uuid.uuid4()), originated_at="later") == call_id
+    assert _bound(ext) == call_id
+    assert stack["pbx"].wait_idle(10)
+    for body in stack["sink"].bodies[before + 1:]:
+        assert post_event(stack["client"], body).status_code == 200
+    assert calls.get(call_id)["state"] == "ended"

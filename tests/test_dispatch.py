@@ -352,3 +352,122 @@ def test_a_transient_failure_puts_the_entry_back_in_its_place_with_its_own_backo
     assert channels.busy(PROVIDER, 1) == 0 and "busy_call" not in operator_state()  # nothing kept
     assert dialled(stack["pbx"]) == [phone10(0)]
     assert calls.get(calls.call_id_for(lead_ids[1], 1)) is None  # never claimed: dialled once it works
+
+
+# --- a fresh callback is dialled by its own pass without being stored in the list --------------------------
+
+def wait_writes(requests: list) -> list[str]:
+    """The writes to the waiting lists among the DynamoDB requests (Queries are reads)."""
+    return [op for op, pk in requests if (pk or "").startswith("WAIT#") and op != "Query"]
+
+
+def test_a_fresh_callback_with_nobody_waiting_and_capacity_free_is_dialled_without_joining(
+        stack, use_config, dynamodb_requests):
+    small(use_config, channel_limit=2, operators=("200", "201"), wrap_up=0)
+    lead_id = new_lead(stack, 0)
+    dynamodb_requests.clear()
+    assert deliver("callbacks", "callback_worker") == [True]
+    assert dialled(stack["pbx"]) == [phone10(0)]
+    assert calls.get(calls.call_id_for(lead_id, 1))["state"] == "dialing"
+    # No join, lock or removal of a WAIT# item: the list's heads are only read.
+    assert wait_writes(dynamodb_requests) == []
+    assert [op for op, pk in dynamodb_requests if pk == "WAIT#101"].count("Query") >= 1
+    assert waiting.entries(101) == []
+
+
+def test_a_fresh_callback_joins_behind_a_waiting_lead_which_dials_first(stack, use_config, dynamodb_requests):
+    small(use_config, wrap_up=0)
+    elsewhere = channels.acquire(PROVIDER, 1, "elsewhere#0")  # the one channel busy: the first lead waits
+    older = new_lead(stack, 0)
+    assert deliver("callbacks", "callback_worker") == [True]
+    assert [e["lead_id"] for e in waiting.entries(101)] == [older]
+    assert channels.release(PROVIDER, elsewhere, "elsewhere#0")  # freed, its release's pass not yet run
+
+    younger = new_lead(stack, 1)
+    dynamodb_requests.clear()
+    assert deliver("callbacks", "callback_worker") == [True]
+    assert dialled(stack["pbx"]) == [phone10(0)]  # the waiting lead, not the fresh one
+    assert [e["lead_id"] for e in waiting.entries(101)] == [younger]  # which now waits behind it
+    assert calls.get(calls.call_id_for(younger, 1)) is None
+    assert wait_writes(dynamodb_requests).count("PutItem") == 1  # the fresh one's join
+
+
+def test_a_fresh_callback_that_finds_no_channel_reads_again_after_joining(stack, use_config, monkeypatch):
+    """A release whose own pass ran between this pass's look at the channels and its join (so that pass saw
+    nothing waiting) must not strand the lead until the sweep: the pass looks again after the join."""
+    small(use_config, wrap_up=0)
+    elsewhere = channels.acquire(PROVIDER, 1, "elsewhere#0")
+    real_join = waiting.join
+
+    def join_then_release(*args, **kwargs):
+        joined = real_join(*args, **kwargs)
+        channels.release(PROVIDER, elsewhere, "elsewhere#0")  # as if freed just before the join landed
+        return joined
+
+    monkeypatch.setattr(waiting, "join", join_then_release)
+    new_lead(stack, 0)
+    assert deliver("callbacks", "callback_worker") == [True]
+    assert dialled(stack["pbx"]) == [phone10(0)]  # in the same delivery, from the list it joined
+    assert waiting.entries(101) == []
+
+
+def test_two_fresh_callbacks_at_once_for_one_channel_one_dials_and_the_other_waits(stack, use_config):
+    small(use_config, channel_limit=1, operators=("200", "201"), wrap_up=0)
+    lead_ids = [new_lead(stack, n) for n in (0, 1)]
+    messages = []
+    while len(messages) < 2:
+        messages += receive("callbacks")
+    sqs = resources.client("sqs")
+    arn = sqs.get_queue_attributes(QueueUrl=resources.queue_url("callbacks"),
+                                   AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    assert callbacks_at_once([sqs_event(m, arn, "us-east-1") for m in messages]) == ["ok"] * 2
+    assert len(dialled(stack["pbx"])) == 1
+    [left] = waiting.entries(101)
+    called = {leads.get(lead_id)["phone"][-10:] for lead_id in lead_ids if lead_id != left["lead_id"]}
+    assert called == set(dialled(stack["pbx"]))  # one dialled, the other listed: none lost
+    assert "taken_by" not in left
+
+
+class Crash(BaseException):
+    """The Lambda dies here (not an exception the code handles)."""
+
+
+def test_a_crash_after_the_claim_leaves_no_entry_and_its_redelivery_dials_nothing(stack, use_config, monkeypatch):
+    small(use_config, wrap_up=0)
+    lead_id = new_lead(stack, 0)
+    [message] = receive("callbacks")
+
+    def crash(call_id):
+        raise Crash()
+
+    with monkeypatch.context() as mp:
+        mp.setattr(calls, "mark_open", crash)  # the first thing after the claim
+        with pytest.raises(Crash):
+            deliver_message(message)
+    call_id = calls.call_id_for(lead_id, 1)
+    assert calls.get(call_id)["state"] == "dialing"  # claimed, never originated
+    assert waiting.entries(101) == []  # nothing stored for it: the message itself is what comes back
+
+    assert deliver_message(message) is True  # the redelivery: the claim refuses a second dial
+    assert dialled(stack["pbx"]) == []
+    assert waiting.entries(101) == []
+
+
+def test_a_failure_before_the_join_leaves_the_message_to_be_retried(stack, use_config, monkeypatch):
+    small(use_config, wrap_up=0)
+    elsewhere = channels.acquire(PROVIDER, 1, "elsewhere#0")  # the channel busy: the fresh one must join
+    new_lead(stack, 0)
+    [message] = receive("callbacks")
+
+    def unavailable(*args, **kwargs):
+        raise ConnectionError("DynamoDB unreachable")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(waiting, "join", unavailable)
+        assert deliver_message(message) is False  # not acknowledged: SQS delivers it again
+    assert waiting.entries(101) == []
+    assert deliver_message(message) is True
+    body = json.loads(message["Body"])
+    joined = body.get("call_id") or calls.call_id_for(body["lead_id"], 1)
+    assert [e["call_id"] for e in waiting.entries(101)] == [joined]
+    assert channels.release(PROVIDER, elsewhere, "elsewhere#0")

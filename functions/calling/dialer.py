@@ -10,10 +10,12 @@ For each callback message `{lead_id, attempt, due_at, reason, [call_id, manual]}
 5. the month's budget spent (R-23): an automatic callback waits (looked at again every
    BUDGET_RECHECK_SECONDS, so a new month or a higher budget resumes it); a manual one is not dialled;
 6. outside the offer's working hours: rescheduled to the next opening (manual calls skip this);
-7. the callback joins its offer's waiting list and a dispatch pass runs at once
-   (functions/calling/dispatch.py): a free channel and operator go to the oldest waiting lead, which is
-   this one when nobody waits. None free: the message is acknowledged and the lead waits, at no cost,
-   until a call's release (or the minute's sweep) dispatches it. Steps 2-6 run again then (DynamoDB only);
+7. a dispatch pass runs at once (functions/calling/dispatch.py) with this callback where it would stand in
+   its offer's waiting list: a free channel and operator go to the oldest waiting lead, which is this one
+   when nobody older waits, and then it is dialled without ever being stored in the list. Not dialled (none
+   free, or an older lead took them): it joins the list, the message is acknowledged and the lead waits,
+   at no cost, until a call's release (or the minute's sweep) dispatches it. Steps 2-6 run again then
+   (DynamoDB only);
 8. dialling a lead (its turn come): a channel lease, then an operator by the offer's rule, both under this
    delivery's own holder token; then the CRM status, read once, right before the dial (no call when the
    order is no longer "processing"; manual calls skip it); then the call is claimed (conditional write: one
@@ -115,9 +117,9 @@ def _dispatch_request(message: dict, now: dt.datetime | None) -> str:
 
 def _turn(now: dt.datetime | None, checked: dict | None = None):
     """The dialer as a dispatch pass runs it on a waiting entry's message, with the pass's channel lease.
-    `checked`: {call_id: what `_process` read and checked for it}, for the entry this delivery has just
-    joined: when the pass takes that one, it is dialled without reading the lead and the call again (a
-    moment ago; the claim still settles any race, as for every check before it)."""
+    `checked`: {call_id: what `_process` read and checked for it}, for this delivery's own callback: when the
+    pass dials that one (at once, or from the list it joined), it is dialled without reading the lead and the
+    call again (a moment ago; the claim still settles any race, as for every check before it)."""
     def turn(entry_message: dict, lease: dispatch.Lease) -> str:
         fresh = (checked or {}).get(entry_message.get("call_id") or _call_id_of(entry_message))
         if fresh is not None:
@@ -200,11 +202,14 @@ def _process(message: dict, now: dt.datetime | None, lease: dispatch.Lease | Non
             return "rescheduled_working_hours"
     if lease is not None:
         return _dial(message, lead, offer, cfg, call_id, existing, manual, log, now, lease)
-    # Its turn in the offer's waiting list, then a dispatch pass: oldest first, also against leads already
-    # waiting, and a lead that finds everything busy is simply left there (no re-send, no provider request).
-    waiting.join(offer.id, message, call_id, manual, since=lead.get("created_at"))
+    # A dispatch pass with this callback where it would stand in its offer's waiting list: oldest first, also
+    # against leads already waiting. Dialled at once, it is never stored; a lead that finds everything busy
+    # joins the list and is simply left there (no re-send, no provider request).
+    since = lead.get("created_at")
+    fresh = dispatch.Fresh(waiting.entry(offer.id, message, call_id, manual, since=since),
+                           lambda: waiting.join(offer.id, message, call_id, manual, since=since))
     checked = {call_id: (lead, offer, cfg, call_id, existing, manual, log)}
-    result = dict(dispatch.run(_turn(now, checked), [offer.id], reason="due")).get(call_id)
+    result = dict(dispatch.run(_turn(now, checked), [offer.id], reason="due", fresh=fresh)).get(call_id)
     if result is None:
         logger.info("callback waiting for a free channel and operator", extra=log)
         metric("CallbacksWaiting", offer=str(offer.id))
@@ -310,9 +315,12 @@ def _dial(message: dict, lead: dict, offer, cfg, call_id: str, existing: dict | 
         # customer twice (R-11). Settled like a timeout: by the call events or the reconciler.
         return _uncertain(call_id, f"{type(exc).__name__}: {exc}", log, provider)
     try:
-        calls.update(call_id, originated_at=times.now_iso(), originate_response=(response_text or "")[:200])
+        annotated = {"originated_at": times.now_iso(), "originate_response": (response_text or "")[:200]}
         if response_text and _EXT_TRACKING_ID.fullmatch(response_text):
-            call_events.bind(response_text, call_id)  # Beeline said which call this is: no guessing needed
+            # Beeline said which call this is: bound with no guessing, in the same call write as the rest.
+            call_events.bind(response_text, call_id, **annotated)
+        else:
+            calls.update(call_id, **annotated)
     except Exception:  # noqa: BLE001 - the call is ringing: the events bind it through the operator instead
         logger.exception("originated call not annotated", extra=log)
     logger.info("call originated", extra=log)

@@ -21,8 +21,14 @@ hands free capacity to the oldest eligible entries:
   is given back at the end of the pass.
 
 What starts a pass:
-- a fresh due callback, right after it joined (`dialer.process`): a free channel and operator go to the
-  oldest waiting lead of that offer, which is this one when nobody waits;
+- a fresh due callback (`dialer.process`), not stored first: the pass sees it where it would stand in its
+  offer's list (`Fresh`, by its sort key, beside the heads it reads anyway). The oldest, with a free channel
+  and operator, it is dialled with no entry written (no join, lock or removal: three writes saved); else it
+  joins at the moment the pass finds it cannot be dialled (no channel, no operator, an older entry first),
+  and the pass reads again after that join, as it did after a join before the pass, so a release whose own
+  pass ran before the join cannot leave it unseen. Of two fresh callbacks at once, the channel lease and the
+  operator reservation decide as for two entries (the loser joins); a crash before the join leaves its SQS
+  message to be redelivered, one after its claim a redelivery the claim refuses;
 - a call's release (`released`, from the call tracker, after the lease and operator are freed): a dispatch
   message on the callbacks queue with DelaySeconds = the offer's `wrap_up_seconds`. A message and not a
   pass in-process: the release runs inside the Beeline webhook, which must answer at once and cannot wait
@@ -109,40 +115,71 @@ def sweep(now: float | None = None) -> dict:
     return summary
 
 
+@dataclasses.dataclass
+class Fresh:
+    """A due callback not on its offer's list, for the pass its own delivery runs: `entry` is where it would
+    stand (waiting.entry), `join` stores it there."""
+
+    entry: dict
+    join: Callable[[], object]
+
+
 def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
-        reason: str = "") -> list[tuple[str, str]]:
+        reason: str = "", fresh: Fresh | None = None) -> list[tuple[str, str]]:
     """One dispatch pass: free capacity to the oldest eligible waiting entries. `dial(message, lease)` is the
     dialer on an entry's message with a channel lease this pass holds (returns what happened;
     "no_free_operator" when it took no operator). Returns (call_id, result) per entry dealt with. A transient
     failure puts the entry back with its own backoff and is raised, so the message that started the pass is
-    retried."""
+    retried.
+
+    `fresh`: the due callback whose delivery runs this pass, not yet on its list. It stands among the heads
+    by its sort key: the oldest, and capacity free, it is dialled with no entry written (no join, lock or
+    removal); else it joins the moment the pass finds it cannot be dialled, and the pass reads again after
+    the join (as a pass after a join always did), so a release the pass did not see still finds it listed.
+    Its dial's failure is raised with nothing stored: its own SQS message is retried (or parked)."""
     cfg = config.load()
     provider, limit = cfg.provider.name, cfg.provider.channel_limit
     offers = [o for o in cfg.offers if offer_ids is None or o.id in offer_ids]
     token = f"dispatch#{uuid.uuid4().hex[:12]}"
     started, blocked, done = time.monotonic(), set(), []
     lease: Lease | None = None
+    fresh_offer = next((o for o in offers if fresh is not None and o.id == fresh.entry["offer_id"]), None)
+    pending = fresh if fresh_offer is not None else _join(fresh)
     try:
         for step in range(MAX_STEPS):
             if time.monotonic() - started > PASS_SECONDS:
+                pending = _join(pending)  # listed before the hand-on: the fresh pass reads after it
                 trigger("continued", [o.id for o in offers])  # the rest in a fresh Lambda
                 break
             now = time.time()
             heads = []
             for offer in offers:
                 if offer.id not in blocked:
-                    first = waiting.heads(offer.id, now)[:1]
-                    heads += [(first[0], offer)] if first else []
+                    free, seen = waiting.look(offer.id, now)
+                    if pending is not None and offer is fresh_offer and pending.entry["call_id"] in seen:
+                        pending = None  # listed already (a redelivery after its join): dialled from the list
+                    heads += [(free[0], offer)] if free else []
+            if pending is not None:  # never blocked: its offer is blocked only after it joined
+                heads.append((pending.entry, fresh_offer))
             if not heads:
                 break  # nothing waits (the usual end of a pass): no need to look at the channels
             if lease is None:
                 free_slots = channels.free(provider, limit, now)
                 if not free_slots:
+                    if pending is not None:
+                        pending = _join(pending)
+                        continue  # read again after the join: a channel freed meanwhile is not missed
                     break  # the next release (or the sweep, for a lease that expired) comes back
             entry, offer = min(heads, key=lambda head: head[0]["sk"])
+            is_fresh = pending is not None and entry is pending.entry
+            if pending is not None and not is_fresh:
+                pending = _join(pending)  # an older entry goes first: the fresh one waits behind it
             known = operators.states(offer.operators)
             wait = operators.free_in(offer, now, known)
             if wait is None or wait > SLACK_SECONDS:
+                if is_fresh:
+                    pending = _join(pending)
+                    continue  # read again after the join (an operator released meanwhile is not missed)
                 blocked.add(offer.id)  # all on calls or wrapping up: their releases dispatch again
                 continue
             if wait > 0:
@@ -151,9 +188,24 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                 holder = f"{token}#{step}"
                 slot = channels.acquire(provider, limit, holder, candidates=free_slots)
                 if slot is None:
+                    if is_fresh:
+                        pending = _join(pending)
+                        continue  # read again after the join
                     break  # taken meanwhile by another pass: it dials the oldest
                 lease = Lease(provider, slot, holder)
                 _channel_use(limit - len(free_slots) + 1, limit)
+            if is_fresh:
+                lease.operator_states = known
+                result = dial(entry["message"], lease)  # raised: nothing stored, its message is retried
+                if lease.claimed:
+                    lease = None
+                if result == "no_free_operator":
+                    pending = _join(pending)
+                    blocked.add(offer.id)  # as for a listed entry put back: the releases dispatch again
+                    continue
+                pending = None
+                done.append((entry["call_id"], result))
+                continue
             if not waiting.take(entry, token):
                 continue  # another dispatcher has it: look at the heads again
             lease.operator_states = known  # the dial chooses from these (the reservation is conditional)
@@ -164,10 +216,21 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                 blocked.add(offer.id)
                 continue
             done.append((entry["call_id"], result))
+        else:
+            if pending is not None:  # out of steps: listed, and a fresh pass reads after the join
+                pending = _join(pending)
+                trigger("continued", [o.id for o in offers])
     finally:
         if lease is not None and not lease.claimed:
             channels.release(provider, lease.slot, lease.holder)  # no call took it
     return done
+
+
+def _join(fresh: Fresh | None) -> None:
+    """The fresh callback joins its list (the pass does not dial it now); None: nothing pending any more."""
+    if fresh is not None:
+        fresh.join()
+    return None
 
 
 def _channel_use(busy: int, limit: int) -> None:

@@ -56,12 +56,17 @@ def track(ext: str) -> tuple[str | None, list[CallData]]:
     return bound, found
 
 
-def bind(ext: str, call_id: str, target_id: str = "") -> str:
-    """Tie an extTrackingId to a call, once; returns the call it is bound to (the first binding wins)."""
+def bind(ext: str, call_id: str, target_id: str = "", **changes) -> str:
+    """Tie an extTrackingId to a call, once; returns the call it is bound to (the first binding wins).
+    `changes`: more of the call's attributes (the dialer's originated_at), set in the same update as the
+    binding's, so that a dial that learns its id costs one call write. The call gets them even when the
+    id was bound first (the events, through the operator): then they are all it gets, never the binding."""
     key = {"pk": _track(ext), "sk": "CALL"}
     if not store.put_new(key, {"call_id": call_id, "ttl": retention.ttl()}):
+        if changes:
+            calls.update(call_id, **changes)
         return store.get(key)["call_id"]
-    calls.update(call_id, ext_tracking_id=ext, **({"target_id": target_id} if target_id else {}))
+    calls.update(call_id, ext_tracking_id=ext, **({"target_id": target_id} if target_id else {}), **changes)
     return call_id
 
 

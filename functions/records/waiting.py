@@ -1,5 +1,8 @@
 """The waiting list: due callbacks that found no free channel or operator, per offer, oldest first.
 
+A due callback is not stored here first: its own dispatch pass dials it at once when nobody older waits and
+capacity is free (functions/calling/dispatch.py), and it joins only when that pass does not dial it.
+
 Item: pk=WAIT#<offer_id>  sk=<rank>#<due_at>#<since>#<call_id>, with the callback message itself. `rank` is 0
 for a manual call (a person asked for it now: it goes ahead of automatic callbacks) and 1 for an automatic
 one; `due_at` is ISO-8601 UTC with milliseconds, so the sort key orders the partition by due time and a Query
@@ -39,24 +42,39 @@ def sort_key(due_at: str, call_id: str, manual: bool, since: str | None = None) 
     return f"{0 if manual else 1}#{_ms(due_at)}#{_ms(since)}#{call_id}"
 
 
+def entry(offer_id: int, message: dict, call_id: str, manual: bool, since: str | None = None) -> dict:
+    """The callback as an entry of its offer's list, not stored: where it would stand (its sort key). A fresh
+    callback's pass compares it with the heads, and stores it (`join`) only when the pass does not dial it."""
+    return {"pk": _pk(offer_id), "sk": sort_key(message["due_at"], call_id, manual, since), "message": message,
+            "offer_id": int(offer_id), "call_id": call_id, "manual": manual}
+
+
 def join(offer_id: int, message: dict, call_id: str, manual: bool, since: str | None = None) -> dict:
     """Put the callback on its offer's list (once per call id and due time); returns the entry. `since`:
     the lead's creation time, the tie-break between callbacks due in the same second."""
-    entry = {"pk": _pk(offer_id), "sk": sort_key(message["due_at"], call_id, manual, since)}
-    store.put_new(entry, {"message": message, "offer_id": int(offer_id), "call_id": call_id,
-                          "lead_id": message["lead_id"], "attempt": message["attempt"], "manual": manual,
-                          "joined_at": times.now_iso(), "failures": 0, "ttl": retention.ttl()})
-    return {**entry, "message": message, "offer_id": int(offer_id), "call_id": call_id}
+    found = entry(offer_id, message, call_id, manual, since)
+    store.put_new({"pk": found["pk"], "sk": found["sk"]}, {
+        "message": message, "offer_id": int(offer_id), "call_id": call_id, "lead_id": message["lead_id"],
+        "attempt": message["attempt"], "manual": manual, "joined_at": times.now_iso(), "failures": 0,
+        "ttl": retention.ttl()})
+    return {key: found[key] for key in ("pk", "sk", "message", "offer_id", "call_id")}
 
 
 def heads(offer_id: int, now: float | None = None, limit: int = HEAD_LIMIT) -> list[dict]:
     """The oldest entries of the offer's list that nobody holds and that are not backing off."""
+    return look(offer_id, now, limit)[0]
+
+
+def look(offer_id: int, now: float | None = None, limit: int = HEAD_LIMIT) -> tuple[list[dict], set[str]]:
+    """`heads`, and the call ids of every entry the same Query read, held or backing off too (a fresh callback
+    found there is on the list already: a redelivery after its join)."""
     now = time.time() if now is None else now
     page = resources.table().query(KeyConditionExpression="#pk = :pk", ExpressionAttributeNames={"#pk": "pk"},
                                    ExpressionAttributeValues={":pk": _pk(offer_id)}, ConsistentRead=True, Limit=limit)
     entries = [store.from_dynamo(item) for item in page["Items"]]
-    return [e for e in entries
-            if not (e.get("taken_by") and e.get("taken_until", 0) >= now) and e.get("not_before", 0) <= now]
+    return ([e for e in entries
+             if not (e.get("taken_by") and e.get("taken_until", 0) >= now) and e.get("not_before", 0) <= now],
+            {str(e.get("call_id")) for e in entries})
 
 
 def waiting(offer_id: int) -> bool:

@@ -82,12 +82,12 @@ FUNCTION_CALLS = {
                     "ssm:GetParameter"),
     "intake_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "ssm:GetParameter"),
     "callback_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
-    "recording_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "s3:GetObject", "s3:PutObject", "ssm:GetParameter"),
+    "recording_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "s3:PutObject", "ssm:GetParameter"),
     "subscription_keeper": (*STATE_TABLE_CALLS, "sqs:GetQueueUrl", "ssm:GetParameter"),
     "call_reconciler": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
     "dispatch_sweeper": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish"),
     "postback_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
-    "cdr_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "s3:GetObject", "sns:Publish", "ssm:GetParameter"),
+    "cdr_worker": (*STATE_TABLE_CALLS, *SEND_CALLS, "sns:Publish", "ssm:GetParameter"),
 }
 # The queue of each app.py @app.on_sqs_message handler (resources.queue_name(<kind>)).
 EVENT_QUEUES = {"intake_worker": "intake", "callback_worker": "callbacks", "recording_worker": "recordings",

@@ -15,11 +15,12 @@ import requests
 from conftest import bodies, deliver, receive
 from test_post_call import make_call, make_lead, pbx_call
 
-from functions.core import times
+from functions.core import links, resources, times
+from functions.core.queues import Transient
 from functions.crm import cdr
 from functions.postcall import recorder
 from functions.providers.salesrender import plugin_tokens
-from functions.records import calls
+from functions.records import calls, leads
 from functions.tracking import tracker
 from infra.local.salesrender_plugin_side import side
 
@@ -77,7 +78,8 @@ def test_an_answered_call_is_sent_with_its_recording_link_and_units(env):
     assert got["callId"] == call_id and got["phone"] == "+79991112255" and got["direction"] == "outgoing"
     assert got["bill_sec"] == call["talk_seconds"] == 75 and isinstance(got["early_media_duration"], int)
     assert got["call_start"] == int(times.parse(call["dialing_at"]).timestamp())
-    assert got["record"] is True and got["call_record_url"] == call["recording_url"]
+    assert got["record"] is True and got["call_record_url"] == links.recording_link(call_id)
+    assert "recording_url" not in call  # derived when the CDR is built
     assert got["pricing"]["provider"] == {"amount": "400", "currency": "RUB"}
     assert (got["hangup_cause_status"], got["sip_fail_status"]) == (16, 200)
     assert got["caller"] == {"alias": "operator", "id": "200"}
@@ -235,3 +237,72 @@ def test_the_sandbox_takes_a_good_cdr_and_refuses_wrong_units_secrets_and_claims
     got = requests.get(env["sandbox"].base_url + "/_sandbox/cdrs", timeout=5).json()
     assert [c["callId"] for c in got] == ["c-1"]
     assert json.loads(requests.get(env["sandbox"].base_url + "/_sandbox/plugin", timeout=5).text)["cdrs"] == 1
+
+
+
+# --- the recording link is derived, not stored; the post-call flags ride on the next update -------------
+
+def _call_updates(sent: list, call_id: str) -> int:
+    return sum(1 for op, pk in sent if op == "UpdateItem" and pk == f"CALL#{call_id}")
+
+
+def test_an_answered_call_shows_its_working_link_everywhere_without_storing_it(env, use_config, dynamodb_requests):
+    """Through the recordings queue in Lambda's shape: the call item keeps no recording_url (154 bytes of
+    every later write), yet the call log, the CDR and GET /v1/calls/{id} give the same link, which redirects
+    to the file. The recording job updates the call once (no writeback_queued flag of its own); the write-back
+    job once: written_back_at with the CDR job's cdr_queued (the CDR was queued before it)."""
+    use_config(lambda doc: doc.update(crm={"call_log_write_back": "always"}))
+    register(env)
+    lead_id = make_lead()
+    call_id = make_call(lead_id, pbx_call(env["pbx"]))
+    resources.client("sqs").send_message(QueueUrl=resources.queue_url("recordings"),
+                                         MessageBody=json.dumps({"job": "recording", "call_id": call_id}))
+    dynamodb_requests.clear()
+    assert deliver("recordings", "recording_worker") == [True]  # the recording job
+    assert _call_updates(dynamodb_requests, call_id) == 1, dynamodb_requests
+    dynamodb_requests.clear()
+    assert deliver("recordings", "recording_worker") == [True]  # the write-back job it queued
+    assert _call_updates(dynamodb_requests, call_id) == 1, dynamodb_requests
+    assert deliver("recordings", "recording_worker") == []  # nothing else queued
+    call = calls.get(call_id)
+    assert "recording_url" not in call and "writeback_queued" not in call
+    assert call["recording_state"] == "stored" and call["written_back_at"] and call["cdr_queued"]
+
+    link = links.recording_link(call_id)
+    assert link.startswith(f"{BASE}/v1/recordings/{call_id}?sig=")
+    order_id = leads.get(lead_id)["order_id"]
+    [order] = [o for o in env["sandbox"].orders() if o["id"] == order_id]
+    [text] = [f["value"] for f in order["data"]["stringFields"] if f["field"] == "call_log"]
+    assert text.endswith(" · ответил · 1:15 · запись: " + link)
+    assert deliver("cdrs", "cdr_worker") == [True]
+    [got] = env["crm"].cdrs()
+    assert got["record"] is True and got["call_record_url"] == link
+    shown = env["client"].http.get(f"/v1/calls/{call_id}", headers={"Authorization": "Bearer test-api-token"})
+    assert shown.status_code == 200 and shown.json_body["recording_url"] == link
+    followed = env["client"].http.get(link.removeprefix(BASE))
+    assert followed.status_code == 302 and call["recording_key"] in followed.headers["Location"]
+
+
+def test_the_cdr_flag_of_a_failed_write_back_is_written_alone_so_retries_send_no_second_cdr(env, use_config):
+    use_config(lambda doc: doc.update(crm={"call_log_write_back": "always"}))
+    register(env)
+    call_id = make_call(make_lead(), outcome="no_answer")
+    env["sandbox"].add_fault(graphql_error="ERR_ORDER_LOCKED", operation="updateOrder")
+    with pytest.raises(Transient):
+        recorder.process({"job": "writeback", "call_id": call_id})
+    assert calls.get(call_id)["cdr_queued"] and "written_back_at" not in calls.get(call_id)
+    recorder.process({"job": "writeback", "call_id": call_id})  # the retry writes the call log
+    assert calls.get(call_id)["written_back_at"]
+    assert [j["call_id"] for j in bodies(receive("cdrs"))] == [call_id]  # one CDR job
+
+
+def test_the_cdr_flag_is_written_when_the_write_back_has_no_sink(env, use_config, dynamodb_requests):
+    use_config(lambda doc: doc.update(crm={"call_log_write_back": "auto"}))
+    register(env)  # which switches the call log off
+    call_id = make_call(make_lead(), outcome="no_answer")
+    dynamodb_requests.clear()
+    recorder.process({"job": "writeback", "call_id": call_id})
+    assert updates(env["sandbox"]) == [] and calls.get(call_id)["cdr_queued"]
+    assert _call_updates(dynamodb_requests, call_id) == 1
+    recorder.process({"job": "writeback", "call_id": call_id})  # a duplicate job
+    assert [j["call_id"] for j in bodies(receive("cdrs"))] == [call_id]

@@ -291,9 +291,9 @@ def test_least_privilege_is_real():
     assert {f for f in FUNCTIONS if "s3:PutObject" in granted(policies[f])} == {"api_handler", "recording_worker"}
     for function in ("subscription_keeper", "dispatch_sweeper"):
         assert not granted(policies[function]) & {"s3:PutObject", "s3:GetObject"}, function
-    # Recording links are presigned GETs: only the API and the workers that write links sign them.
-    assert {f for f in FUNCTIONS if "s3:GetObject" in granted(policies[f])} == {"api_handler", "recording_worker",
-                                                                                "cdr_worker"}
+    # A recording link is presigned (a GET) only when it is followed, by the API; the workers that write the
+    # stable link (core/links.py: an HMAC, no S3) may not read recordings.
+    assert {f for f in FUNCTIONS if "s3:GetObject" in granted(policies[f])} == {"api_handler"}
     assert not granted(policies["dispatch_sweeper"]) & {"ssm:GetParameter", "kms:Decrypt"}
     assert "sqs:SendMessage" not in granted(policies["subscription_keeper"])
     assert "sns:Publish" not in granted(policies["intake_worker"]) | granted(policies["recording_worker"])

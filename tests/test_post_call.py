@@ -14,9 +14,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import TILDA_KEY, EventSink, bodies, deliver, receive
 
-from functions.core import config, resources, store, times
+from functions.core import config, links, resources, store, times
 from functions.core.queues import Poison, Transient
-from functions.postcall import recorder, recording_links, write_back
+from functions.postcall import recorder, write_back
 from functions.providers.beeline import client as beeline
 from functions.providers.salesrender import client as salesrender
 from functions.providers.salesrender.orders import add_order_input
@@ -176,10 +176,38 @@ def test_recording_lands_in_s3_encrypted_under_lead_and_call_once(env, s3_puts):
 
     call = calls.get(call_id)
     assert call["recording_state"] == "stored" and call["recording_key"] == key
-    assert call["recording_url"] == recording_links.link(call_id)
-    assert call["recording_url"].startswith(f"https://calls.example.test/v1/recordings/{call_id}?sig=")
+    assert "recording_url" not in call  # derived where it is shown (core/links.py)
+    assert links.stored_recording_link(call_id, call) == links.recording_link(call_id)
+    assert links.recording_link(call_id).startswith(f"https://calls.example.test/v1/recordings/{call_id}?sig=")
     assert call["short_call"] is False  # 75 s
-    assert bodies(receive("recordings")) == [{"job": "writeback", "call_id": call_id}]  # one, not two
+
+
+def test_a_repeated_recording_job_queues_the_write_back_until_that_has_run(env, dynamodb_requests):
+    """No writeback_queued flag (a 2-WRU write of the call per recording): a duplicate before the write-back
+    ran queues it again (harmless, the same text); after it ran, its mark says it was queued."""
+    lead_id = make_lead()
+    call_id = make_call(lead_id, pbx_call(env["pbx"]))
+    dynamodb_requests.clear()
+    recorder.process({"job": "recording", "call_id": call_id})
+    assert [op for op, pk in dynamodb_requests if pk == f"CALL#{call_id}"].count("UpdateItem") == 1
+    recorder.process({"job": "recording", "call_id": call_id})  # a duplicate delivery, before the write-back
+    jobs = bodies(receive("recordings"))
+    assert jobs == [{"job": "writeback", "call_id": call_id}] * 2
+    for job in jobs:
+        recorder.process(job)
+    assert call_log(env["crm"], lead_id).endswith("запись: " + links.recording_link(call_id))
+    recorder.process({"job": "recording", "call_id": call_id})  # after it
+    assert receive("recordings") == []
+    assert "writeback_queued" not in calls.get(call_id)
+
+
+def test_a_call_stored_before_the_link_was_derived_shows_the_derived_link(env):
+    lead_id = make_lead()
+    call_id = make_call(lead_id, pbx_call(env["pbx"]))
+    recorder.process({"job": "recording", "call_id": call_id})
+    calls.update(call_id, recording_url="https://old-host.example.test/v1/recordings/x?sig=0")  # as then stored
+    recorder.process(bodies(receive("recordings"))[0])
+    assert call_log(env["crm"], lead_id).endswith("запись: " + links.recording_link(call_id))
 
 
 def test_short_call_is_flagged(env):
@@ -278,7 +306,8 @@ def test_write_back_puts_the_call_line_on_the_order_idempotently(env):
     record_and_write_back(call_id)
     call = calls.get(call_id)
     started = _ms(simulated["start_time"]).astimezone(ZoneInfo("Europe/Moscow"))
-    expected = f"{started:%Y-%m-%d %H:%M} МСК · оператор 200 · ответил · 1:15 · запись: {call['recording_url']}"
+    link = links.recording_link(call_id)
+    expected = f"{started:%Y-%m-%d %H:%M} МСК · оператор 200 · ответил · 1:15 · запись: {link}"
     assert call_log(env["crm"], lead_id) == expected
     assert call["written_back_at"]
     recorder.process({"job": "writeback", "call_id": call_id})  # again: the same text
@@ -296,7 +325,7 @@ def test_the_write_back_job_reads_its_call_once_for_the_cdr_check_and_the_write_
     dynamodb_requests.clear()
     recorder.process(job)
     sent = list(dynamodb_requests)
-    assert call_log(env["crm"], lead_id).endswith("запись: " + calls.get(call_id)["recording_url"])
+    assert call_log(env["crm"], lead_id).endswith("запись: " + links.recording_link(call_id))
     assert [op for op, pk in sent if pk == f"CALL#{call_id}"].count("GetItem") <= 2, sent
     assert len(sent) <= 6, sent
 
@@ -310,7 +339,7 @@ def test_two_calls_make_two_lines_oldest_first_whatever_order_jobs_run(env):
     lines = call_log(env["crm"], lead_id).split("\n")
     assert len(lines) == 2
     assert lines[0].endswith("МСК · оператор 200 · нет ответа")
-    assert lines[1].endswith(" · ответил · 1:15 · запись: " + calls.get(second)["recording_url"])
+    assert lines[1].endswith(" · ответил · 1:15 · запись: " + links.recording_link(second))
 
 
 def test_line_uses_the_offer_time_zone(crm, use_config):
@@ -408,7 +437,7 @@ def test_a_real_call_goes_from_tilda_to_the_crm_call_log_through_the_queue(env, 
     call = calls.get(call_id)
     assert call["recording_state"] == "stored" and call["written_back_at"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d МСК · оператор 200 · ответил · 1:15 · запись: "
-                        + re.escape(call["recording_url"]), call_log(env["crm"], lead_id))
+                        + re.escape(links.recording_link(call_id)), call_log(env["crm"], lead_id))
     assert receive("recordings", dlq=True) == []
 
 

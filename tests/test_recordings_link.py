@@ -11,8 +11,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 import requests
 
-from functions.core import resources, store
-from functions.postcall import recording_links
+from functions.core import links, resources, store
 from functions.records import calls
 
 SECRET = "test-link-secret"
@@ -31,7 +30,7 @@ def stored(aws, monkeypatch):
                   ServerSideEncryption="AES256")
     store.put_new({"pk": f"CALL#{call_id}", "sk": "CALL"}, {
         "call_id": call_id, "lead_id": "L1", "state": "ended", "outcome": "answered", "recording_key": key,
-        "recording_state": "stored", "recording_url": recording_links.link(call_id)})
+        "recording_state": "stored"})
     return {"call_id": call_id, "key": key}
 
 
@@ -47,18 +46,50 @@ def get(client, call_id: str, query: str = "", headers: dict | None = None):
 def test_link_is_the_app_url_with_an_hmac_of_the_call_id(stored):
     call_id = stored["call_id"]
     expected = hmac.new(SECRET.encode(), call_id.encode(), hashlib.sha256).hexdigest()
-    assert recording_links.link(call_id) == f"https://calls.example.test/v1/recordings/{quote(call_id)}?sig={expected}"
-    assert calls.get(call_id)["recording_url"] == recording_links.link(call_id)
+    assert links.recording_link(call_id) == f"https://calls.example.test/v1/recordings/{quote(call_id)}?sig={expected}"
+    assert links.stored_recording_link(call_id, calls.get(call_id)) == links.recording_link(call_id)
+
+
+API = {"Authorization": "Bearer test-api-token"}
+
+
+@pytest.mark.parametrize("stale", [None, "https://old-host.example.test/v1/recordings/x?sig=0"])
+def test_get_call_derives_the_link_of_a_stored_recording_and_it_redirects(client, stored, stale):
+    """the calls API shows the link derived from the call id (core/links.py), whatever
+    a call stored before the link was derived still carries."""
+    call_id = stored["call_id"]
+    if stale:
+        calls.update(call_id, recording_url=stale)
+    document = client.http.get(f"/v1/calls/{call_id}", headers=API).json_body
+    assert document["recording_url"] == links.recording_link(call_id)
+    response = client.http.get(path_of(document["recording_url"]))
+    assert response.status_code == 302 and stored["key"] in response.headers["Location"]
+
+
+def test_get_call_shows_no_link_until_the_recording_is_stored(client, stored):
+    call_id = stored["call_id"]
+    store.put_new({"pk": "CALL#c-pending", "sk": "CALL"}, {"call_id": "c-pending", "state": "ended",
+                                                           "outcome": "answered"})
+    calls.update(call_id, recording_state="missing", recording_url="https://old-host.example.test/x")
+    for shown in ("c-pending", call_id):
+        assert client.http.get(f"/v1/calls/{shown}", headers=API).json_body["recording_url"] is None
+
+
+def test_get_call_link_uses_the_default_base_url_as_the_stored_link_does(client, stored, monkeypatch):
+    monkeypatch.delenv("PUBLIC_BASE_URL")
+    document = client.http.get(f"/v1/calls/{stored['call_id']}", headers=API).json_body
+    assert document["recording_url"] == links.recording_link(stored["call_id"])
+    assert document["recording_url"].startswith("http://127.0.0.1:8000/")
 
 
 def test_default_base_url_is_the_local_app(monkeypatch):
     monkeypatch.setenv("RECORDING_LINK_SECRET", SECRET)
     monkeypatch.delenv("PUBLIC_BASE_URL", raising=False)
-    assert recording_links.link("c1").startswith("http://127.0.0.1:8000/v1/recordings/c1?sig=")
+    assert links.recording_link("c1").startswith("http://127.0.0.1:8000/v1/recordings/c1?sig=")
 
 
 def test_signed_link_redirects_to_a_short_lived_presigned_url(client, stored):
-    response = client.http.get(path_of(recording_links.link(stored["call_id"])))
+    response = client.http.get(path_of(links.recording_link(stored["call_id"])))
     assert response.status_code == 302
     assert response.headers["Cache-Control"] == "no-store"
     location = response.headers["Location"]
@@ -79,7 +110,7 @@ def test_bearer_token_works_without_a_signature(client, stored):
 
 
 def test_bad_signature_or_token_is_403(client, stored):
-    other_call = recording_links.link(str(uuid.uuid4())).split("?", 1)[1]
+    other_call = links.recording_link(str(uuid.uuid4())).split("?", 1)[1]
     for query, headers in [
         ("", {}),
         ("sig=", {}),
@@ -97,7 +128,7 @@ def test_bad_signature_or_token_is_403(client, stored):
 
 def test_unknown_call_or_no_stored_recording_is_404(client, stored):
     unknown = str(uuid.uuid4())
-    response = client.http.get(path_of(recording_links.link(unknown)))
+    response = client.http.get(path_of(links.recording_link(unknown)))
     assert response.status_code == 404 and response.json_body["field"] == "call_id"
     pending = str(uuid.uuid4())
     store.put_new({"pk": f"CALL#{pending}", "sk": "CALL"}, {"call_id": pending, "state": "ended",

@@ -16,7 +16,7 @@ import datetime as dt
 import uuid
 
 from functions.calling import budget, dialable, dnc, schedule
-from functions.core import auth, config, queues, safe_json, times
+from functions.core import auth, config, links, queues, safe_json, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise, show
 from functions.core.replies import Reply, error
@@ -143,5 +143,6 @@ def read(call_id: str, headers: dict[str, str]) -> Reply:
         "ended_at": call.get("ended_at"),
         "talk_seconds": call.get("talk_seconds"),
         "cost_rub": call.get("cost_rub"),
-        "recording_url": call.get("recording_url"),
+        "recording_url": links.stored_recording_link(call_id, call),
     })
+

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from functions.core import queues, times
+from functions.core import links, queues, times
 from functions.core.observability import logger, metric
 from functions.core.queues import Poison
 from functions.crm import plugin
@@ -69,7 +69,7 @@ def build(call: dict, registration: dict) -> dict:
     started = started or ended or times.utcnow()
     outcome = str(call.get("outcome") or "failed")
     talk = int(call.get("talk_seconds") or 0) if outcome == "answered" else 0
-    url = call.get("recording_url") if call.get("recording_state") == "stored" else None
+    url = links.stored_recording_link(str(call["call_id"]), call)
     operator = str(call.get("operator") or "").split("@", 1)[0]  # a userId's domain says nothing in the CRM
     staff = ({"alias": "user", "id": str(call["crm_user"])} if call.get("crm_user")
              else {"alias": "operator", "id": operator})

@@ -23,17 +23,15 @@ A repeated request (the same token) is the same call: its id is derived from the
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from urllib.parse import parse_qs
 
 from functions.calling import dialable, manual_calls
-from functions.core import config, safe_json, times
+from functions.core import config, links, safe_json, times
 from functions.core.config import Config, Offer
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, mask, normalise
 from functions.core.replies import Reply, error
-from functions.postcall import recording_links
 from functions.providers.salesrender import client as salesrender
 from functions.providers.salesrender import plugin_tokens as tokens
 from functions.records import calls, leads, plugins
@@ -48,7 +46,7 @@ LEAD_SOURCE = "salesrender"
 
 def plugin_url() -> str:
     """This plugin's URL as SalesRender knows it (the `aud` of its tokens, the `iss` of the CDRs)."""
-    base = (os.environ.get("PUBLIC_BASE_URL") or recording_links.DEFAULT_BASE_URL).rstrip("/")
+    base = links.base_url()
     return f"{base}{PATH}/"
 
 

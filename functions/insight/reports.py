@@ -31,7 +31,7 @@ import io
 import math
 import re
 
-from functions.core import auth, config, safe_json
+from functions.core import auth, config, links, safe_json
 from functions.core.phones import show
 from functions.core.replies import Reply, error
 from functions.records import calls, daily
@@ -144,8 +144,6 @@ def summary(from_day: dt.date, to_day: dt.date, offer_id: int | None = None) -> 
 def recent_calls(limit: int = 20) -> list[dict]:
     """The last `limit` finished calls (at most MAX_RECENT), newest first, phones as each offer shows
     them, with a recording link when the call's recording is stored."""
-    from functions.postcall import recording_links
-
     cfg = config.load()
     found = []
     for item in daily.recent_calls(max(1, min(int(limit), MAX_RECENT))):
@@ -153,7 +151,7 @@ def recent_calls(limit: int = 20) -> list[dict]:
         phone = item.get("phone")
         recording_url = None
         if item.get("outcome") == "answered" and (calls.get(item["call_id"]) or {}).get("recording_key"):
-            recording_url = recording_links.link(item["call_id"])
+            recording_url = links.recording_link(item["call_id"])
         found.append({
             "call_id": item["call_id"], "lead_id": item.get("lead_id"), "offer_id": item.get("offer_id"),
             "started_at": item.get("started_at"), "ended_at": item.get("ended_at"), "outcome": item.get("outcome"),

@@ -5,7 +5,8 @@ The recordings queue carries two jobs, both safe to repeat (`process` is its han
   the operator's userId, else through the `records` list. Files appear minutes after the call, so a
   missing file is `Transient` (the queue backs off: 30 s doubling) for RECORDING_WAIT after the call
   ended; after that the call is marked `recording_state="missing"` and the write-back goes ahead
-  anyway. The file is stored privately (SSE AES256) and the call gets its stable app link.
+  anyway. The file is stored privately (SSE AES256); its stable app link is derived from the call id
+  where it is shown (core/links.py), not stored.
 - `{"job": "writeback", "call_id"}`: the lead's call log to the CRM (write_back.write_back). Every finished
   call passes here (the recording job ends in it, unanswered calls start with it), so this job also hands
   the call to the `cdrs` queue when the company has the SalesRender PBX plugin registered (crm/cdr.py sends
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from functions.core import config, queues, resources, times
+from functions.core import config, links, queues, resources, times
 from functions.core.observability import logger, metric
 from functions.core.phones import InvalidPhone, national_digits
 from functions.core.queues import Poison, Transient
-from functions.postcall import recording_links, write_back
+from functions.postcall import write_back
 from functions.providers.beeline import client as beeline
 from functions.providers.salesrender.company import company_id
 from functions.records import calls, plugins
@@ -45,11 +46,19 @@ def process(message: dict) -> None:
     if job == "recording":
         fetch_recording(call_id)
     elif job == "writeback":
-        call = calls.get(call_id)  # read once for both steps (queue_cdr's flag is all that changes in between)
+        call = calls.get(call_id)  # read once for both steps (nothing of the call changes in between)
         if call is None:
             raise Poison(f"call {call_id} does not exist", code="unknown_call")
-        queue_cdr(call_id, call)  # before the write-back: a write-back that fails for good must not cost the CDR
-        write_back.write_back(call_id, call)
+        # Before the write-back: a write-back that fails for good must not cost the CDR. The CDR job is sent
+        # now, its flag rides on the write-back's own update of the call (one write, not two); a write-back
+        # that ends without one (no sink, a failure) flags it alone, so its retries do not send it again.
+        flags = {"cdr_queued": times.now_iso()} if queue_cdr(call_id, call, flag=False) else {}
+        outcome = None
+        try:
+            outcome = write_back.write_back(call_id, call, also=flags)
+        finally:
+            if flags and outcome not in write_back.UPDATES_CALL:
+                calls.flag_once(call_id, "cdr_queued")
     else:
         raise Poison(f"unknown job {job!r}", code="unknown_job")
 
@@ -152,7 +161,9 @@ def fetch_recording(call_id: str, now: dt.datetime | None = None) -> str:
         return "missing"
 
     key = recording_key(call, call_id)
-    url = recording_links.link(call_id)  # before the upload: a missing link secret fails before any write
+    # Before the upload: a missing link secret fails before any write. The link is not stored (it is derived
+    # where it is shown, links.stored_recording_link); recording_key is what says the file is there.
+    links.recording_link(call_id)
     resources.client("s3").put_object(
         Bucket=resources.bucket_name(), Key=key, Body=audio, ContentType="audio/mpeg",
         ServerSideEncryption="AES256", StorageClass=storage_class(config.load().provider.retention_days),
@@ -160,7 +171,7 @@ def fetch_recording(call_id: str, now: dt.datetime | None = None) -> str:
         Metadata={"lead_id": str(call["lead_id"]), "call_id": call_id, "offer_id": str(call.get("offer_id", ""))},
     )
     talk = int(call.get("talk_seconds") or 0)
-    calls.update(call_id, recording_key=key, recording_state="stored", recording_url=url,
+    calls.update(call_id, recording_key=key, recording_state="stored",
                  recording_bytes=len(audio), recording_stored_at=times.now_iso(),
                  short_call=talk < write_back.SHORT_CALL_SECONDS)
     logger.info("recording stored", extra={**log, "key": key, "bytes": len(audio)})
@@ -175,23 +186,30 @@ def storage_class(retention_days: int) -> str:
     return "STANDARD_IA" if retention_days >= 30 else "STANDARD"
 
 
+# What the write-back job leaves on the call: once one is there, the job has run, so it was queued.
+# (`writeback_queued`: the flag calls stored before these marks stood in for it still carry.)
+WRITEBACK_MARKS = ("writeback_queued", "written_back_at", "write_back_skipped", "cdr_queued")
+
+
 def _queue_writeback(call_id: str, call: dict) -> None:
-    # Sent, then flagged: a crash in between sends a second write-back, which is harmless (it rebuilds
-    # the same text); flagging first would lose the write-back if the send failed.
-    if call.get("writeback_queued"):
+    # No flag of its own (a write of the whole call item, 2 WRU): the write-back job's marks say it ran. Until
+    # then a repeated job sends it again, which is harmless (it rebuilds the same text); a crash after the
+    # recording update and before this send is repaired by the job's retry (already_settled sends it).
+    if any(call.get(mark) for mark in WRITEBACK_MARKS):
         return
     queues.send("recordings", {"job": "writeback", "call_id": call_id})
-    calls.flag_once(call_id, "writeback_queued")
 
 
-def queue_cdr(call_id: str, call: dict | None = None) -> bool:
+def queue_cdr(call_id: str, call: dict | None = None, *, flag: bool = True) -> bool:
     """Queue the call's CDR job once (sent, then flagged: a crash in between queues it twice, and the CDR
-    worker sends a call's CDR once). True when this queued it. `call`: the call item if just read."""
+    worker sends a call's CDR once). True when this queued it. `call`: the call item if just read.
+    `flag=False`: the caller writes `cdr_queued` itself, after this returns True (with its next update)."""
     call = call if call is not None else calls.get(call_id)
     if call is None or call.get("cdr_queued") or call.get("state") != "ended" or call.get("outcome") == "not_dialled":
         return False
     if not plugins.registered(company_id()):
         return False
     queues.send("cdrs", {"call_id": call_id, "attempt": 1, "first_at": times.now_iso()})
-    calls.flag_once(call_id, "cdr_queued")
+    if flag:
+        calls.flag_once(call_id, "cdr_queued")
     return True

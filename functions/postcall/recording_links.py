@@ -1,4 +1,4 @@
-"""Stable recording links (R-19): `{PUBLIC_BASE_URL}/v1/recordings/{call_id}?sig=...`.
+"""Stable recording links (R-19): `{PUBLIC_BASE_URL}/v1/recordings/{call_id}?sig=...` (made by core/links.py).
 
 The link written into the CRM never expires and never exposes the bucket: it carries an HMAC-SHA256
 of the call id (secret RECORDING_LINK_SECRET), and the app answers it with a 302 to a presigned S3
@@ -9,27 +9,15 @@ may use the bearer token instead of the signature.
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import os
-from urllib.parse import quote
 
-from functions.core import auth, resources, secrets
+from functions.core import auth, resources
+from functions.core.links import signature
 from functions.core.replies import Reply, error
 from functions.records import calls
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 PRESIGNED_SECONDS = 300
-
-
-def signature(call_id: str) -> str:
-    secret = secrets.get("RECORDING_LINK_SECRET")
-    return hmac.new(secret.encode(), call_id.encode(), hashlib.sha256).hexdigest()
-
-
-def link(call_id: str) -> str:
-    base = (os.environ.get("PUBLIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    return f"{base}/v1/recordings/{quote(call_id, safe='')}?sig={signature(call_id)}"
 
 
 def _signed(call_id: str, sig) -> bool:

@@ -10,7 +10,7 @@ import datetime as dt
 from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
-from functions.core import config, times
+from functions.core import config, links, times
 from functions.core.config import Offer
 from functions.core.observability import logger, metric
 from functions.core.queues import Poison, Transient
@@ -118,8 +118,9 @@ def call_line(call: dict, zone: ZoneInfo) -> str:
     if outcome == "answered":
         talk = int(call.get("talk_seconds") or 0)
         parts.append(_duration(talk) + (f" (< {SHORT_CALL_SECONDS} с)" if talk < SHORT_CALL_SECONDS else ""))
-        if call.get("recording_url"):
-            parts.append(f"запись: {call['recording_url']}")
+        url = links.stored_recording_link(str(call["call_id"]), call) if call.get("call_id") else None
+        if url:
+            parts.append(f"запись: {url}")
         elif call.get("recording_state") == "missing":
             parts.append("запись: не найдена")
     return " · ".join(parts)
@@ -135,8 +136,15 @@ def call_log_text(lead_calls_: list[dict], offer: Offer) -> str:
     return text[:CALL_LOG_MAX_CHARS]
 
 
-def write_back(call_id: str, call: dict | None = None) -> str:
-    """The write-back job; returns what happened. `call`: the call item if the caller has just read it."""
+# The outcomes of write_back whose own update of the call also sets its `also` attributes.
+UPDATES_CALL = frozenset({"written", "no_order"})
+
+
+def write_back(call_id: str, call: dict | None = None, also: dict | None = None) -> str:
+    """The write-back job; returns what happened. `call`: the call item if the caller has just read it.
+    `also`: attributes (flags of effects already done) set with this job's own update of the call, one write
+    instead of two; written only on the outcomes of UPDATES_CALL (never on a raise)."""
+    also = also or {}
     call = call if call is not None else calls.get(call_id)
     if call is None:
         raise Poison(f"call {call_id} does not exist", code="unknown_call")
@@ -157,7 +165,7 @@ def write_back(call_id: str, call: dict | None = None) -> str:
     if not order_id and lead.get("source") == "api" and lead.get("order_via") != "intake":
         # A manual call's lead from before manual leads got orders: none will ever exist, so waiting
         # would only retry into the DLQ. Recorded on the call instead.
-        calls.update(call_id, write_back_skipped="no_crm_order")
+        calls.update(call_id, write_back_skipped="no_crm_order", **also)
         logger.info("no CRM order for the call's lead: write-back skipped", extra=log)
         metric("WriteBackSkipped", reason="no_crm_order")
         return "no_order"
@@ -180,7 +188,7 @@ def write_back(call_id: str, call: dict | None = None) -> str:
             if exc.transient:
                 raise Transient(str(exc)) from None
             raise Poison(str(exc), code=exc.code) from None
-    calls.update(call_id, written_back_at=times.now_iso())
+    calls.update(call_id, written_back_at=times.now_iso(), **also)
     logger.info("call written back", extra={**log, "order_id": order_id, "calls": len(history),
                                             "sinks": [s.name for s in active]})
     metric("CallsWrittenBack")

@@ -7,12 +7,14 @@ spend.add_call_cost, daily.order_approved), on fixed past days in each offer's t
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 from urllib.parse import urlencode
 
 import pytest
 
+from functions.core import store
 from functions.records import calls, daily, leads, spend
 
 AUTH = {"Authorization": "Bearer test-api-token"}
@@ -87,6 +89,32 @@ def test_summary_per_day_and_in_total_with_the_seed_targets(client, seeded):
     assert metrics["cpa_rub"]["target"] == 300.0 and metrics["cpa_rub"]["met"] is False  # payout 900 / ROAS 3
     assert {k: v for k, v in report["total"].items() if k != "metrics"} == {
         k: v for k, v in day.items() if k not in ("day", "metrics")}
+
+
+def test_the_last_day_of_a_range_keeps_its_speed_to_lead_and_the_next_day_is_not_in_it(client, seeded):
+    day = summary(client, **{"from": "2026-11-10", "to": "2026-11-10", "offer_id": "101"})["days"][0]
+    assert (day["speed_to_lead_samples"], day["speed_to_lead_median_s"], day["speed_to_lead_p95_s"]) == (6, 420, 725)
+    lead_id = lead(50, "2026-11-11T06:00:00.000Z")
+    call(lead_id, "2026-11-11T06:00:09.000Z", "busy")  # the next day's own 9 s
+    assert summary(client, **{"from": "2026-11-10", "to": "2026-11-10", "offer_id": "101"})["days"][0] == day
+    assert summary(client, **{"from": "2026-11-11", "to": "2026-11-11", "offer_id": "101"})["days"][0][
+        "speed_to_lead_median_s"] == 9.0
+
+
+def test_a_backlogged_days_speeds_keep_its_day_item_small_and_its_percentiles_exact(client, aws):
+    """A backlog spreads first calls over hundreds of 1 s buckets. The day item, which every lead, claim and
+    call end writes in a transaction (a write unit per KB of it, twice), must not grow with them."""
+    form = dt.datetime(2026, 11, 10, 6, tzinfo=dt.UTC)
+    for n in range(120):  # first calls 300..419 s after their forms: 120 distinct buckets
+        lead_id = lead(n, form.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        dialled = form + dt.timedelta(seconds=300 + n)
+        call(lead_id, dialled.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "busy")
+    item = store.get({"pk": "DAILY#101", "sk": "DAY#2026-11-10"})
+    assert item["calls"] == 120 and len(json.dumps(item, default=str).encode()) < 1024
+    day = summary(client, **{"from": "2026-11-10", "to": "2026-11-10", "offer_id": "101"})["days"][0]
+    # 120 samples 300..419: the median the mean of the 60th and 61st (359, 360), p95 the 114th (413)
+    assert (day["speed_to_lead_samples"], day["speed_to_lead_median_s"], day["speed_to_lead_p95_s"]) == (
+        120, 359.5, 413.0)
 
 
 def test_the_baseline_gives_the_change_against_the_seeds_relative_goals(client, seeded):

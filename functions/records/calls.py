@@ -66,7 +66,8 @@ def claim(call_id: str, attributes: dict, lead: dict | None = None) -> bool:
             condition="attribute_exists(pk) AND (attribute_not_exists(#first) OR #first = :call)",
             names={"#first": "first_dialled_call"}, values={":call": call_id})
         failed = daily.write(daily.tx_update(_key(call_id), {**changes, "counted_speed_s": speed}, **claimable),
-                             daily.tx_count(offer_id, day, {"calls": 1, **daily.speed_sample(speed)}), also=marker)
+                             daily.tx_count(offer_id, day, {"calls": 1}), also=marker,
+                             more=daily.tx_speed(offer_id, day, speed))
         if 0 in failed or not failed:
             return not failed
         # Another call of this lead was claimed first (a race since the read): this one is no first call.
@@ -83,14 +84,13 @@ def unclaim(call_id: str) -> bool:
     if not day or not isinstance(offer_id, int) or call.get("state") != "dialing":
         return store.update(_key(call_id), {"state": "queued"}, condition="#state = :dialing",
                             names={"#state": "state"}, values={":dialing": "dialing"}, remove=remove)
-    adds = {"calls": -1}
-    if call.get("counted_speed_s") is not None:
-        adds.update(daily.speed_sample(float(call["counted_speed_s"]), sign=-1))
+    speed = call.get("counted_speed_s")
     return not daily.write(
         daily.tx_update(_key(call_id), {"state": "queued"}, condition="#state = :dialing AND #day = :day",
                         names={"#state": "state", "#day": "counted_day"}, values={":dialing": "dialing", ":day": day},
                         remove=remove),
-        daily.tx_count(offer_id, day, adds))
+        daily.tx_count(offer_id, day, {"calls": -1}),
+        also=daily.tx_speed(offer_id, day, float(speed), sign=-1) if speed is not None else None)
 
 
 def settle_not_dialled(call_id: str, reason: str, attributes: dict) -> bool:

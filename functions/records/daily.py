@@ -20,11 +20,15 @@ to: a lead's `created_at`; a call's claim (`dialing_at`) for everything about th
 placed at 23:59 and answered at 00:01 counts on one day; an inbound call's `created_at`. Calls placed
 before this module existed are counted as placed when they finish.
 
-Speed to lead (form to first call) is a histogram of top-level counters `stl_h_<lower bound>` (ADD
-works on top-level attributes only): 1 s buckets below 10 min, 10 s below an hour, 1 min below a day,
-1 h up to 30 days, so the median and p95 of any range of days are exact to the bucket and histograms
-add up across days and offers. The sample is taken once per lead, at the claim of its first call (a
-marker `first_dialled_call` on the lead in the same transaction).
+Speed to lead (form to first call) is a histogram: 1 s buckets below 10 min, 10 s below an hour, 1 min
+below a day, 1 h up to 30 days, so the median and p95 of any range of days are exact to the bucket and
+histograms add up across days and offers. Each bucket of a day is an item of its own beside the day's
+(sk DAY#<day>#STL#<lower bound>, a counter `n`): as attributes of the day item, a day's few hundred buckets
+would make that item several KB, and every transaction that counts anything on the day (a lead, a claim, a
+call's end) pays a write unit per KB of it, twice. A bucket item stays tiny: the claim pays two units for
+it. The sample is taken once per lead, at the claim of its first call (a marker `first_dialled_call` on the
+lead in the same transaction). Days counted before the split keep their buckets as `stl_h_<lower bound>`
+attributes of the day item, which are still read.
 
 The recent-calls feed (RECENT#CALLS, sk <ended_at>#<call_id>) gets one item per finished call, a plain
 put right after the finish transaction (half the capacity of a transaction item; the same key every
@@ -55,8 +59,8 @@ from functions.core.observability import logger
 COUNTERS = ("leads", "calls", "answered", "talk_seconds", "calls_over_60s", "approved", "revenue_rub",
             "cost_rub", "inbound_calls", "inbound_answered", "inbound_talk_seconds")
 OVER_SECONDS = 60  # "calls over 60 s": talk strictly longer than this (the seed: "превышает 60 секунд")
-STL_COUNT = "stl_count"
-STL_PREFIX = "stl_h_"
+STL_PREFIX = "stl_h_"  # a bucket as an attribute of the day item: days counted before the bucket items
+STL_SK = "#STL#"
 STL_CAP_SECONDS = 30 * 86400  # anything slower lands in this last bucket
 RECENT_PK = "RECENT#CALLS"
 RECENT_CAP = 200
@@ -125,9 +129,12 @@ def bucket_value(lower: int) -> float:
     return float(lower) if width == 1 else lower + width / 2
 
 
-def speed_sample(seconds: float, sign: int = 1) -> dict:
-    """The counters one sample adds (sign -1 takes it back)."""
-    return {STL_COUNT: sign, f"{STL_PREFIX}{bucket(seconds)}": sign}
+def tx_speed(offer_id: int, day, seconds: float, sign: int = 1) -> dict:
+    """The `Update` that adds one speed-to-lead sample to its bucket's item of the offer's day (sign -1 takes
+    it back)."""
+    day_text, lower = _day_text(day), bucket(seconds)
+    return tx_update({"pk": f"DAILY#{offer_id}", "sk": f"DAY#{day_text}{STL_SK}{lower}"},
+                     {"offer_id": offer_id, "day": day_text, "bucket": lower}, add={"n": sign})
 
 
 def quantile(histogram: dict[int, int], q: float) -> float | None:
@@ -227,12 +234,19 @@ def _retrying(write) -> set[int]:
     raise AssertionError("unreachable")
 
 
-def write(fact: dict, count: dict, *, put: bool = False, also: dict | None = None, also_put: bool = False) -> set[int]:
+def write(fact: dict, count: dict, *, put: bool = False, also: dict | None = None, also_put: bool = False,
+          more: dict | None = None) -> set[int]:
     """Write a fact (an `Update`, or a `Put` with `put`) and its counters (tx_count) in one transaction,
-    optionally with one more item `also` (an `Update`, or a `Put` with `also_put`). Returns the indices
-    (0 fact, 1 counters, 2 also) whose condition failed; empty when everything was written.
+    optionally with one more item `also` (an `Update`, or a `Put` with `also_put`) and, after an `Update`
+    `also`, a fourth `Update` `more`. Returns the indices (0 fact, 1 counters, 2 also, 3 more) whose
+    condition failed; empty when everything was written.
     The TransactItems lists are spelled out: tests/test_iam.py reads their kinds for the IAM grants."""
     dynamodb = resources.client("dynamodb")
+    if more is not None:
+        if also is None or also_put or put:
+            raise ValueError("`more` goes with an Update fact and an Update `also`")
+        return _retrying(lambda: dynamodb.transact_write_items(
+            TransactItems=[{"Update": fact}, {"Update": count}, {"Update": also}, {"Update": more}]))
     if also is None and put:
         return _retrying(lambda: dynamodb.transact_write_items(TransactItems=[{"Put": fact}, {"Update": count}]))
     if also is None:
@@ -310,16 +324,26 @@ def days(offer_id: int, from_day, to_day) -> dict[str, dict]:
     from boto3.dynamodb.conditions import Key
 
     start, end = _day_text(from_day), _day_text(to_day)
-    condition = Key("pk").eq(f"DAILY#{offer_id}") & Key("sk").between(f"DAY#{start}", f"DAY#{end}")
-    found, kwargs = {}, {"KeyConditionExpression": condition, "ConsistentRead": True}
+    # "~" sorts after "#": the last day's bucket items (DAY#<end>#STL#...) are in the range too.
+    condition = Key("pk").eq(f"DAILY#{offer_id}") & Key("sk").between(f"DAY#{start}", f"DAY#{end}~")
+    found, buckets, kwargs = {}, [], {"KeyConditionExpression": condition, "ConsistentRead": True}
     while True:
         page = resources.table().query(**kwargs)
-        for item in page["Items"]:
-            row = _row(store.from_dynamo(item))
-            found[row["day"]] = row
+        for item in map(store.from_dynamo, page["Items"]):
+            if STL_SK in str(item["sk"]):
+                buckets.append(item)
+            else:
+                row = _row(item)
+                found[row["day"]] = row
         if "LastEvaluatedKey" not in page:
-            return found
+            break
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    for item in buckets:
+        if item.get("n"):
+            day = str(item["day"])
+            histogram = found.setdefault(day, _row({"day": day, "offer_id": offer_id}))["speed_to_lead"]
+            histogram[int(item["bucket"])] = histogram.get(int(item["bucket"]), 0) + int(item["n"])
+    return found
 
 
 # --- the recent-calls feed ---------------------------------------------------------------------------------

@@ -107,6 +107,16 @@ def operator_state(pattern="200") -> dict:
     return store.get({"pk": "OPERATORS", "sk": pattern}) or {}
 
 
+def deliver_at_once(count: int) -> list:
+    """The next `count` callback messages, each delivered to its own callback worker, all at once."""
+    messages = []
+    while len(messages) < count:
+        messages += receive("callbacks")
+    sqs = resources.client("sqs")
+    arn = sqs.get_queue_attributes(QueueUrl=resources.queue_url("callbacks"),
+                                   AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return callbacks_at_once([sqs_event(m, arn, "us-east-1") for m in messages])
+
 def test_one_channel_one_operator_three_due_leads_one_dials_the_others_wait_at_no_cost(stack, use_config, sent):
     small(use_config)
     due_one_by_one(stack, 1)
@@ -203,13 +213,7 @@ def test_racing_dispatchers_dial_each_waiting_lead_once_and_lose_none(stack, use
         assert channels.release(PROVIDER, slot, f"elsewhere#{i}")
     for _ in range(4):
         dispatch.trigger("released")
-    messages = []
-    while len(messages) < 4:
-        messages += receive("callbacks")
-    sqs = resources.client("sqs")
-    arn = sqs.get_queue_attributes(QueueUrl=resources.queue_url("callbacks"),
-                                   AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    assert callbacks_at_once([sqs_event(m, arn, "us-east-1") for m in messages]) == ["ok"] * 4
+    assert deliver_at_once(4) == ["ok"] * 4
 
     stats = stack["pbx"].stats()
     assert stats["originates"] == 5 and stats["max_in_flight"] <= 5
@@ -414,13 +418,7 @@ def test_a_fresh_callback_that_finds_no_channel_reads_again_after_joining(stack,
 def test_two_fresh_callbacks_at_once_for_one_channel_one_dials_and_the_other_waits(stack, use_config):
     small(use_config, channel_limit=1, operators=("200", "201"), wrap_up=0)
     lead_ids = [new_lead(stack, n) for n in (0, 1)]
-    messages = []
-    while len(messages) < 2:
-        messages += receive("callbacks")
-    sqs = resources.client("sqs")
-    arn = sqs.get_queue_attributes(QueueUrl=resources.queue_url("callbacks"),
-                                   AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    assert callbacks_at_once([sqs_event(m, arn, "us-east-1") for m in messages]) == ["ok"] * 2
+    assert deliver_at_once(2) == ["ok"] * 2
     assert len(dialled(stack["pbx"])) == 1
     [left] = waiting.entries(101)
     called = {leads.get(lead_id)["phone"][-10:] for lead_id in lead_ids if lead_id != left["lead_id"]}

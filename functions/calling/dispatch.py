@@ -194,26 +194,17 @@ def run(dial: Callable[[dict, Lease], str], offer_ids: list[int] | None = None,
                     break  # taken meanwhile by another pass: it dials the oldest
                 lease = Lease(provider, slot, holder)
                 _channel_use(limit - len(free_slots) + 1, limit)
-            if is_fresh:
-                lease.operator_states = known
-                result = dial(entry["message"], lease)  # raised: nothing stored, its message is retried
-                if lease.claimed:
-                    lease = None
-                if result == "no_free_operator":
-                    pending = _join(pending)
-                    blocked.add(offer.id)  # as for a listed entry put back: the releases dispatch again
-                    continue
-                pending = None
-                done.append((entry["call_id"], result))
-                continue
-            if not waiting.take(entry, token):
+            if not is_fresh and not waiting.take(entry, token):
                 continue  # another dispatcher has it: look at the heads again
             lease.operator_states = known  # the dial chooses from these (the reservation is conditional)
-            result = _dial_entry(dial, entry, token, reason, lease)
+            # The fresh one is dialled with nothing stored: its failure is raised, and its own message retried.
+            result = dial(entry["message"], lease) if is_fresh else _dial_entry(dial, entry, token, reason, lease)
             if lease.claimed:
                 lease = None
+            if is_fresh:
+                pending = _join(pending) if result == "no_free_operator" else None
             if result == "no_free_operator":
-                blocked.add(offer.id)
+                blocked.add(offer.id)  # a listed entry was put back, the fresh one joined: releases dispatch
                 continue
             done.append((entry["call_id"], result))
         else:

@@ -145,4 +145,3 @@ def read(call_id: str, headers: dict[str, str]) -> Reply:
         "cost_rub": call.get("cost_rub"),
         "recording_url": links.stored_recording_link(call_id, call),
     })
-

@@ -51,14 +51,14 @@ def process(message: dict) -> None:
             raise Poison(f"call {call_id} does not exist", code="unknown_call")
         # Before the write-back: a write-back that fails for good must not cost the CDR. The CDR job is sent
         # now, its flag rides on the write-back's own update of the call (one write, not two); a write-back
-        # that ends without one (no sink, a failure) flags it alone, so its retries do not send it again.
+        # that fails flags it alone, so its retries do not send it again.
         flags = {"cdr_queued": times.now_iso()} if queue_cdr(call_id, call, flag=False) else {}
-        outcome = None
         try:
-            outcome = write_back.write_back(call_id, call, also=flags)
-        finally:
-            if flags and outcome not in write_back.UPDATES_CALL:
+            write_back.write_back(call_id, call, also=flags)
+        except BaseException:
+            if flags:
                 calls.flag_once(call_id, "cdr_queued")
+            raise
     else:
         raise Poison(f"unknown job {job!r}", code="unknown_job")
 

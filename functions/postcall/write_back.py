@@ -136,14 +136,10 @@ def call_log_text(lead_calls_: list[dict], offer: Offer) -> str:
     return text[:CALL_LOG_MAX_CHARS]
 
 
-# The outcomes of write_back whose own update of the call also sets its `also` attributes.
-UPDATES_CALL = frozenset({"written", "no_order"})
-
-
 def write_back(call_id: str, call: dict | None = None, also: dict | None = None) -> str:
     """The write-back job; returns what happened. `call`: the call item if the caller has just read it.
     `also`: attributes (flags of effects already done) set with this job's own update of the call, one write
-    instead of two; written only on the outcomes of UPDATES_CALL (never on a raise)."""
+    instead of two; written whenever this returns (alone when it has no update of its own), never on a raise."""
     also = also or {}
     call = call if call is not None else calls.get(call_id)
     if call is None:
@@ -160,6 +156,8 @@ def write_back(call_id: str, call: dict | None = None, also: dict | None = None)
     if not active:
         logger.info("no write-back for the offer (salesrender.fields.call_log unset, or crm.call_log_write_back "
                     "off): skipped", extra=log)
+        if also:
+            calls.update(call_id, **also)
         return "no_sink"
     order_id = lead.get("order_id")
     if not order_id and lead.get("source") == "api" and lead.get("order_via") != "intake":
